@@ -1,0 +1,12 @@
+"""Data set loading: image folders, MNIST/Fashion-MNIST IDX files and .npz arrays.
+
+    ds = load_dataset(path, split="test", cache_dir=None, workers=None, progress=False, size=None)
+
+Image folders are decoded once into a memory-mapped cache keyed by `ds.fingerprint`.
+"""
+
+from flipback.data.dataset import Dataset, SkippedItem
+from flipback.data.idx import FASHION_MNIST_CLASSES, fashion_mnist_dir
+from flipback.data.load import load_dataset
+
+__all__ = ["load_dataset", "Dataset", "SkippedItem", "fashion_mnist_dir", "FASHION_MNIST_CLASSES"]

@@ -1,0 +1,233 @@
+"""ImageFolder loading: <root>/<class>/**/*.png|jpg|jpeg|bmp|webp, decoded in parallel into the cache.
+
+Two passes: headers first (cheap) to pick the common size and colour mode and to know
+N, then a full decode written chunk by chunk into a memory-mapped .npy, so peak memory
+is one chunk whatever the folder size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from flipback.data import cache, fingerprint
+from flipback.data.dataset import Dataset, SkippedItem
+from flipback.data.progress import progress_bar
+from flipback.errors import DataError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+CHUNK = 1024
+
+
+@dataclass
+class _File:
+    name: str  # relative posix path, e.g. "cat/0001.jpg"
+    path: Path
+    label: int
+    size: int
+    mtime_ns: int
+
+
+def find_classes(root: Path) -> list[str]:
+    # Hidden folders (.ipynb_checkpoints, .DS_Store dirs) are never classes.
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def list_files(root: Path, classes: list[str], base: Path) -> list[_File]:
+    files: list[_File] = []
+    for label, cls in enumerate(classes):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for fn in filenames:
+                if fn.startswith(".") or os.path.splitext(fn)[1].lower() not in IMAGE_EXTS:
+                    continue
+                p = Path(dirpath, fn)
+                try:
+                    st = p.stat()
+                    size, mtime = st.st_size, st.st_mtime_ns
+                except OSError:  # broken symlink: reported as skipped by the probe
+                    size, mtime = -1, 0
+                found.append(_File(p.relative_to(base).as_posix(), p, label, size, mtime))
+        files.extend(sorted(found, key=lambda f: f.name))
+    return files
+
+
+def _open_error(e: Exception) -> str:
+    if isinstance(e, UnidentifiedImageError):
+        return "cannot decode image: not a recognised image format"
+    if isinstance(e, OSError) and e.errno is not None:  # Pillow's own OSErrors have no errno
+        return f"cannot read file: {e.strerror or e}"
+    return f"cannot decode image: {e}"
+
+
+def _probe(f: _File) -> tuple[tuple[int, int], bool] | str:
+    """((W, H), is_gray) from the header, or the reason the file is skipped."""
+    if f.size == 0:
+        return "empty file"
+    try:
+        with Image.open(f.path) as im:
+            return im.size, im.mode in GRAY_MODES
+    except Exception as e:  # any decoder failure is a per-file problem, never fatal
+        return _open_error(e)
+
+
+def _decode_one(path: Path, size: tuple[int, int], mode: str) -> np.ndarray | str:
+    """Fully decode one image to (H, W, C) uint8, or the reason it is skipped."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # forces the whole decode, so truncation surfaces here
+            if im.mode == "P":
+                im = im.convert("RGBA")  # palette transparency must go through RGBA
+            if im.mode != mode:
+                im = im.convert(mode)
+            if im.size != size:
+                im = im.resize(size, Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except Exception as e:
+        return _open_error(e)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _folder_fingerprint(root: Path, classes: list[str], files: list[_File], size) -> str:
+    return fingerprint.of_json({
+        "kind": "imagefolder",
+        "cache_version": cache.CACHE_VERSION,
+        "classes": classes,
+        "size": list(size) if size else None,
+        "files": [[f.name, f.size, f.mtime_ns] for f in files],
+    })
+
+
+def load_image_folder(root: Path, *, cache_dir=None, workers: int | None = None,
+                      progress: bool = False, size: tuple[int, int] | None = None,
+                      base: Path | None = None) -> Dataset:
+    """Classes are root's sub-folders; names are relative to `base` (default root), the source."""
+    base = base or root
+    classes = find_classes(root)
+    if not classes:
+        has_images = any(p.suffix.lower() in IMAGE_EXTS for p in root.iterdir() if p.is_file())
+        raise DataError(
+            f"no class sub-folders in {root}" + (" (the images are directly in it)" if has_images else ""),
+            hint=f"put the images in one folder per class: {root}/<class>/<image>.png",
+        )
+    files = list_files(root, classes, base)
+    if not files:
+        raise DataError(f"no images in {root}",
+                        hint=f"expected {root}/<class>/*.png (or .jpg, .jpeg, .bmp, .webp)")
+    fp = _folder_fingerprint(root, classes, files, size)
+    cache_root = cache.resolve_cache_dir(cache_dir)
+    hit = cache.read_entry(cache_root, fp)
+    if hit is None:
+        hit = _build(root, classes, files, fp, cache_root, workers, progress, size)
+    return Dataset(hit["images"], hit["labels"], hit["classes"], hit["names"],
+                   skipped=hit["skipped"], source=str(base), fingerprint=fp)
+
+
+def _build(root, classes, files, fp, cache_root, workers, progress, size) -> dict:
+    workers = max(1, workers or min(8, os.cpu_count() or 1))
+    try:
+        staging, keep = cache.Staging(cache_root, fp), True
+    except OSError:
+        # Cache folder not writable: decode into a temp folder, map it, then unlink it.
+        try:
+            staging, keep = cache.Staging(Path(tempfile.mkdtemp(prefix="flipback-")), fp), False
+        except OSError as e:
+            raise DataError(f"cannot write the image cache to {cache_root} or a temp folder: {e}",
+                            hint="set FLIPBACK_CACHE to a writable folder") from None
+    try:
+        with ThreadPoolExecutor(workers) as pool, progress_bar(progress) as bar:
+            labels, names, skipped, images = _decode_all(root, files, size, staging, pool, bar)
+            images.flush()
+            del images  # close the writable map before renaming its folder
+        if keep:
+            staging.commit(labels, classes, names, skipped)
+            hit = cache.read_entry(cache_root, fp)
+            if hit is None:
+                raise DataError(f"the image cache in {cache_root} could not be read back",
+                                hint="set FLIPBACK_CACHE to another folder")
+            return hit
+        out = {"images": np.load(staging.dir / "images.npy", mmap_mode="r"),
+               "labels": labels, "classes": classes, "names": names, "skipped": skipped}
+        shutil.rmtree(staging.root, ignore_errors=True)  # the open map keeps the data alive
+        return out
+    except BaseException:
+        staging.discard()
+        if not keep:
+            shutil.rmtree(staging.root, ignore_errors=True)
+        raise
+
+
+def _decode_all(root, files, size, staging, pool, bar):
+    reasons: dict[int, str] = {}
+    probes: list = []
+    task = bar.add("reading headers", len(files))
+    for start in range(0, len(files), CHUNK):
+        for res in pool.map(_probe, files[start:start + CHUNK]):
+            probes.append(res)
+            bar.advance(task)
+    ok = [i for i, r in enumerate(probes) if not isinstance(r, str)]
+    reasons.update({i: r for i, r in enumerate(probes) if isinstance(r, str)})
+    if not ok:
+        raise _nothing_readable(root, files, reasons)
+
+    target = size or Counter(probes[i][0] for i in ok).most_common(1)[0][0]
+    if size is None:
+        w0, h0 = target
+        for i in ok:
+            (w, h), _ = probes[i]
+            if (w, h) != target:
+                reasons[i] = f"wrong size {w}x{h}, expected {w0}x{h0}"
+        ok = [i for i in ok if i not in reasons]
+    # Grayscale only if every image is: converting colour to gray would lose information.
+    mode = "L" if all(probes[i][1] for i in ok) else "RGB"
+    channels = 1 if mode == "L" else 3
+    w0, h0 = target
+
+    images = staging.open_images((len(ok), h0, w0, channels))
+    kept: list[int] = []
+    task = bar.add("decoding", len(ok))
+    for start in range(0, len(ok), CHUNK):
+        chunk = ok[start:start + CHUNK]
+        for i, arr in zip(chunk, pool.map(lambda j: _decode_one(files[j].path, target, mode), chunk)):
+            if isinstance(arr, str):
+                reasons[i] = arr
+            else:
+                images[len(kept)] = arr
+                kept.append(i)
+            bar.advance(task)
+    if not kept:
+        raise _nothing_readable(root, files, reasons)
+    if len(kept) < len(ok):
+        images = _shrink(staging, images, len(kept))
+
+    labels = np.array([files[i].label for i in kept], dtype=np.int64)
+    names = [files[i].name for i in kept]
+    skipped = [SkippedItem(files[i].name, reasons[i]) for i in sorted(reasons)]
+    return labels, names, skipped, images
+
+
+def _shrink(staging, images: np.memmap, n: int) -> np.memmap:
+    """Copy the first n rows into a right-sized .npy (files that failed only at full decode)."""
+    small = staging.open_images((n,) + images.shape[1:], name="images.tmp.npy")
+    for start in range(0, n, CHUNK):
+        small[start:start + CHUNK] = images[start:min(n, start + CHUNK)]
+    small.flush()
+    del images
+    os.replace(staging.dir / "images.tmp.npy", staging.dir / "images.npy")
+    return small
+
+
+def _nothing_readable(root: Path, files: list[_File], reasons: dict[int, str]) -> DataError:
+    examples = "; ".join(f"{files[i].name}: {r}" for i, r in list(sorted(reasons.items()))[:3])
+    return DataError(f"none of the {len(files)} image files in {root} could be read ({examples})",
+                     hint="check that the files are valid images")
