@@ -1,0 +1,3 @@
+from .runstore import RunStore
+
+__all__ = ["RunStore"]

@@ -1,0 +1,207 @@
+"""The command line. Typer gives typed options and --help for free; rich prints tables.
+
+Errors meant for users are one line with a hint; --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import FlipbackError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Explain image misclassifications with the smallest change that makes the model right.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against published figures.")
+app.add_typer(bench_app, name="bench")
+
+out = Console()
+err = Console(stderr=True)
+_state = {"quiet": False, "json": False, "debug": False}
+
+
+class Mode(str, Enum):
+    white_box = "white-box"
+    black_box = "black-box"
+
+
+class Pixels(str, Enum):
+    uint8 = "uint8"
+    float = "float"
+
+
+@app.callback()
+def main(quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or tables."),
+         json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout only."),
+         debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")):
+    _state.update(quiet=quiet or json_out, json=json_out, debug=debug)
+
+
+def _fail(exc: BaseException) -> None:
+    if _state["debug"]:
+        raise exc
+    if isinstance(exc, FlipbackError):
+        err.print(f"[red]error:[/red] {exc.message}", markup=True, highlight=False)
+        if exc.hint:
+            err.print(f"hint: {exc.hint}", markup=False, highlight=False)
+    else:
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}", highlight=False)
+        err.print("hint: run again with --debug for the traceback", markup=False)
+    raise typer.Exit(2)
+
+
+def _log(msg: str) -> None:
+    if not _state["quiet"]:
+        err.print(msg, markup=False, highlight=False)
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    if _state["json"]:
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("confusion",)}))
+        return
+    if _state["quiet"]:
+        return
+    t = Table(title=f"{summary['method']} ({summary['mode']}, {summary['pixels']})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key in ("n_images", "accuracy", "n_misclassified", "n_explained", "n_corrected", "success_rate",
+                "mean_queries", "mean_queries_success", "median_l2", "median_linf", "seconds",
+                "images_per_second", "n_skipped"):
+        v = summary.get(key)
+        t.add_row(key, f"{v:.4g}" if isinstance(v, float) else str(v))
+    out.print(t)
+    out.print(f"report: {(run_dir / 'index.html').resolve()}", markup=False, highlight=False)
+
+
+def _guard(fn):
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        err.print("interrupted: results so far are kept; run the same command again to resume")
+        raise typer.Exit(130)
+    except Exception as exc:  # noqa: BLE001 - every error becomes one clear line
+        _fail(exc)
+
+
+def _floats(text: Optional[str]):
+    from .targets.loading import parse_floats
+
+    return parse_floats(text)
+
+
+@app.command()
+def explain(
+    model: str = typer.Option(..., help="ARCH:WEIGHTS (e.g. cifar_resnet20:model.th) or FILE.pt (TorchScript)."),
+    data: str = typer.Option(..., help="Image folder, IDX folder/file, or .npz."),
+    out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed when it holds the same run)."),
+    mode: Mode = typer.Option(Mode.white_box, help="white-box: the model's gradients."),
+    method: str = typer.Option("minimal", help="paper | fast | minimal"),
+    budget: Optional[int] = typer.Option(None, help="Most queries per image (default: the method's)."),
+    pixels: Pixels = typer.Option(Pixels.uint8, help="uint8: corrections must survive 8-bit rounding."),
+    split: str = typer.Option("test", help="train or test, for IDX folders and folders with split sub-folders."),
+    limit: Optional[int] = typer.Option(None, help="Explain only the first N errors."),
+    mean: Optional[str] = typer.Option(None, help="Input normalization mean, e.g. 0.5,0.5,0.5."),
+    std: Optional[str] = typer.Option(None, help="Input normalization std."),
+    figures: bool = typer.Option(True, help="Write a PNG figure per image."),
+    batch_size: int = typer.Option(256, min=1),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(True, help="Resume a run folder holding the same run."),
+    trust_model: bool = typer.Option(False, help="Allow unpickling a full model file (can run code)."),
+):
+    """Find the target's errors and explain each with a verified corrective change."""
+    from .runs.explain_run import ExplainConfig, run_explain
+
+    def go():
+        cfg = ExplainConfig(model=model, data=data, mode=mode.value, method=method, pixels=pixels.value,
+                            budget=budget, split=split, limit=limit, mean=_floats(mean), std=_floats(std),
+                            seed=seed, trust_model=trust_model, figures=figures, batch_size=batch_size)
+        summary = run_explain(cfg, out_dir, show_progress=not _state["quiet"], resume=resume, log=_log)
+        _print_summary(summary, out_dir)
+
+    _guard(go)
+
+
+@bench_app.command("paper")
+def bench_paper(
+    model: str = typer.Option(..., help="Model SPEC, e.g. cifar_resnet20:cifar10_resnet20.th"),
+    data: str = typer.Option(..., help="Test data."),
+    out_dir: Path = typer.Option(..., "--out"),
+    mode: Mode = typer.Option(Mode.white_box),
+    methods: str = typer.Option("paper,fast,minimal", help="Comma-separated methods to run."),
+    pixels: Pixels = typer.Option(Pixels.uint8),
+    limit: Optional[int] = typer.Option(None, help="Only the first N errors."),
+    figures: bool = typer.Option(False, help="Write per-image figures (slow for thousands of images)."),
+    batch_size: int = typer.Option(256, min=1),
+):
+    """Run each method on all errors and compare with the published figures."""
+    from .runs.bench import PAPER, run_bench
+
+    def go():
+        result = run_bench(model=model, data=data, out_dir=out_dir, mode=mode.value,
+                           methods=[m.strip() for m in methods.split(",") if m.strip()], pixels=pixels.value,
+                           limit=limit, figures=figures, batch_size=batch_size,
+                           show_progress=not _state["quiet"], log=_log)
+        if _state["json"]:
+            print(json.dumps(result))
+            return
+        ref = PAPER[mode.value]
+        t = Table(title=f"flipback vs the paper ({mode.value}, {pixels.value} pixels)")
+        for col in ("method", "success", "mean queries", "queries (successes)", "median L2", "median Linf",
+                    "img/s"):
+            t.add_column(col, justify="right")
+        t.add_row("published (Haffar et al. 2021)", f"{ref['success_rate']:.2%}", f"{ref['mean_queries']:.2f}",
+                  "", "", "", "")
+        for name, s in result["methods"].items():
+            t.add_row(name, f"{s['success_rate']:.2%}", f"{s['mean_queries']:.3f}",
+                      f"{s['mean_queries_success']:.3f}" if s["mean_queries_success"] is not None else "-",
+                      f"{s['median_l2']:.4f}" if s["median_l2"] is not None else "-",
+                      f"{s['median_linf'] * 255:.1f}/255" if s["median_linf"] is not None else "-",
+                      f"{s['images_per_second']:.1f}")
+        out.print(t)
+        out.print(f"summary: {(out_dir / 'summary.json').resolve()}", markup=False, highlight=False)
+
+    _guard(go)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run folder written by explain, bench or demo.")):
+    """Write (again) the HTML report of a run folder."""
+    from .runs.report_run import rebuild_report
+
+    def go():
+        path = rebuild_report(run_dir)
+        if not _state["quiet"]:
+            out.print(f"report: {path.resolve()}", markup=False, highlight=False)
+
+    _guard(go)
+
+
+@app.command()
+def demo(
+    data: Optional[str] = typer.Option(None, help="Fashion-MNIST IDX folder (default: Debian's dataset-fashion-mnist)."),
+    out_dir: Path = typer.Option(Path("runs/demo"), "--out"),
+    method: str = typer.Option("minimal"),
+    limit: Optional[int] = typer.Option(None, help="Explain only the first N errors."),
+):
+    """Train (once) a small CNN on Fashion-MNIST and explain its test-set errors."""
+    from .runs.demo import run_demo
+
+    def go():
+        summary = run_demo(data=data, out_dir=out_dir, method=method, limit=limit,
+                           show_progress=not _state["quiet"], log=_log)
+        _print_summary(summary, out_dir)
+
+    _guard(go)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,98 @@
+"""The durable per-image result store of a run: SQLite in WAL mode, one row per image,
+committed as each batch finishes, so a killed run resumes where it stopped.
+
+The run's configuration is stored with it; opening the folder with another
+configuration is refused, so results of different runs are never mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RunError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS config (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS results (
+    idx INTEGER PRIMARY KEY,      -- index of the image in the data set
+    record TEXT NOT NULL,         -- JSON: labels, queries, norms, regions, ...
+    corrected BLOB,               -- the corrected image, uint8 or float32 bytes (H, W, C)
+    dtype TEXT
+);
+CREATE TABLE IF NOT EXISTS timing (id INTEGER PRIMARY KEY AUTOINCREMENT, seconds REAL NOT NULL, n INTEGER NOT NULL);
+"""
+
+
+class RunStore:
+    def __init__(self, path: Path):
+        self.path = path
+        self.db = sqlite3.connect(path)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+
+    @classmethod
+    def open(cls, run_dir: Path, config: dict, *, resume: bool = True) -> "RunStore":
+        """Open or create the store; refuse a folder that holds a run with another config."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        store = cls(run_dir / "results.sqlite")
+        stored = store.config()
+        wanted = json.loads(json.dumps(config))  # normalise tuples, paths
+        if stored and stored != wanted:
+            diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+            store.close()
+            raise RunError(
+                f"{run_dir} holds a run with other settings ({', '.join(diff)} differ)",
+                hint="use another --out folder, or delete that one to start over",
+            )
+        if stored and not resume:
+            store.close()
+            raise RunError(f"{run_dir} already holds this run", hint="drop --no-resume to resume it")
+        if not stored:
+            with store.db:
+                store.db.executemany("INSERT INTO config VALUES (?, ?)",
+                                     [(k, json.dumps(v)) for k, v in wanted.items()])
+        return store
+
+    def config(self) -> dict:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM config")}
+
+    def done(self) -> set[int]:
+        return {row[0] for row in self.db.execute("SELECT idx FROM results")}
+
+    def add(self, records: list[dict], corrected: np.ndarray | None, seconds: float) -> None:
+        """Store one finished batch atomically: its rows and the time it took."""
+        rows = []
+        for i, rec in enumerate(records):
+            img = None if corrected is None else np.ascontiguousarray(corrected[i])
+            rows.append((int(rec["index"]), json.dumps(rec), None if img is None else img.tobytes(),
+                         None if img is None else f"{img.dtype.str}:{','.join(map(str, img.shape))}"))
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)", rows)
+            self.db.execute("INSERT INTO timing (seconds, n) VALUES (?, ?)", (seconds, len(records)))
+
+    def records(self) -> list[dict]:
+        return [json.loads(r) for (r,) in self.db.execute("SELECT record FROM results ORDER BY idx")]
+
+    def corrected(self, idx: int) -> np.ndarray | None:
+        row = self.db.execute("SELECT corrected, dtype FROM results WHERE idx = ?", (idx,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        dtype, shape = row[1].split(":")
+        return np.frombuffer(row[0], dtype=np.dtype(dtype)).reshape(tuple(int(s) for s in shape.split(",")))
+
+    def seconds(self) -> float:
+        return float(self.db.execute("SELECT COALESCE(SUM(seconds), 0) FROM timing").fetchone()[0])
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
