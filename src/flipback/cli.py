@@ -23,7 +23,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks against published
 app.add_typer(bench_app, name="bench")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one error, one line, however narrow the terminal
 _state = {"quiet": False, "json": False, "debug": False}
 
 

@@ -53,8 +53,9 @@ class MinimalAttack(CorrectiveAttack):
         best_margin = torch.zeros(len(images))
         m, g = margin(out, labels), grad.flatten(1) / 255
         for _ in range(self.steps):
-            from_here = project_to_halfspace(g, -m, pixels255 + change, discrete=False)
-            from_origin = project_to_halfspace(g, (g * change).sum(1) - m, pixels255, discrete=False)
+            gap = 2 * MIN_MARGIN - m  # aim just past the margin that counts as corrected
+            from_here = project_to_halfspace(g, gap, pixels255 + change, discrete=False)
+            from_origin = project_to_halfspace(g, (g * change).sum(1) + gap, pixels255, discrete=False)
             d_here, d_origin = from_here.norm(dim=1), from_origin.norm(dim=1)
             alpha = (d_here / (d_here + d_origin).clamp_min(1e-12)).clamp(max=self.alpha_max)[:, None]
             change = (1 - alpha) * (change + self.overshoot * from_here) + alpha * self.overshoot * from_origin

@@ -40,7 +40,7 @@ def project_to_halfspace(grad: torch.Tensor, need: torch.Tensor, pixels255: torc
     amax = a.max(1).values.clamp_min(1e-30)
     # Bisection in log-space on t: gain(t) decreases with t.
     lo = torch.log(amax * 1e-9)  # gain(lo) is (about) the whole box
-    hi = torch.log(amax)  # gain(hi) is a single unit step on the top coordinate
+    hi = torch.log(amax * 1e9)  # gain(hi) is (about) nothing
     target = need.clamp_min(0)
     for _ in range(_BISECTION_STEPS):
         mid = (lo + hi) / 2
@@ -49,5 +49,21 @@ def project_to_halfspace(grad: torch.Tensor, need: torch.Tensor, pixels255: torc
         lo = torch.where(ok, mid, lo)
         hi = torch.where(ok, hi, mid)
     steps = _steps(a, room, torch.exp(lo), discrete)
+    if discrete:
+        steps = _drop_surplus(a, steps, target)
     steps = torch.where((need > 0)[:, None], steps, torch.zeros_like(steps))
     return steps * torch.sign(grad)
+
+
+def _drop_surplus(a: torch.Tensor, steps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Take back last unit steps, worst gain/cost first, while the gain stays >= target.
+
+    With tied gradients, one threshold moves every tied coordinate at once; this keeps
+    only as many of them as the target needs."""
+    surplus = (a * steps).sum(1) - target
+    ratio = torch.where(steps > 0, a / (2 * steps - 1).clamp_min(1), torch.full_like(a, float("inf")))
+    order = ratio.argsort(1)
+    gains = torch.where(steps > 0, a, torch.zeros_like(a)).gather(1, order)
+    removable = gains.cumsum(1) <= surplus[:, None]
+    drop = torch.zeros_like(steps).scatter(1, order, removable.to(steps.dtype))
+    return steps - drop

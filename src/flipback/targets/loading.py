@@ -7,6 +7,7 @@ never run pickled code unless the user passes `trust_model=True`.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ import torch.nn as nn
 
 from ..errors import ModelError
 from .zoo import ZOO, Normalized
+
+TORCHSCRIPT_SUFFIXES = (".pt", ".torchscript")
 
 
 @dataclass
@@ -74,7 +77,13 @@ def load_zoo_model(arch: str, weights: Path | None, num_classes: int, *, mean=No
             net = obj
         else:
             sd = _state_dict(obj)
-            result = net.load_state_dict(sd, strict=False)
+            try:
+                result = net.load_state_dict(sd, strict=False)
+            except RuntimeError as exc:  # shapes differ, e.g. another number of classes
+                first = str(exc).strip().splitlines()[-1].strip()
+                raise ModelError(f"checkpoint {weights} does not match architecture {arch} with "
+                                 f"{num_classes} classes: {first}",
+                                 hint="check the architecture and that the data set has the model's classes") from None
             if result.missing_keys or result.unexpected_keys:
                 raise ModelError(
                     f"checkpoint {weights} does not match architecture {arch} "
@@ -90,22 +99,29 @@ def load_zoo_model(arch: str, weights: Path | None, num_classes: int, *, mean=No
 
 def load_model(spec: str, num_classes: int, *, mean=None, std=None, trust_model: bool = False) -> LoadedModel:
     """Load a white-box model from SPEC. `num_classes` comes from the data set."""
-    path = Path(spec)
-    if spec.endswith((".pt", ".pth.ts", ".torchscript")) and ":" not in spec.split("/")[-1]:
-        if not path.is_file():
-            raise ModelError(f"TorchScript file not found: {path}")
-        try:
-            net = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:
-            raise ModelError(f"cannot load TorchScript file {path}: {exc}") from None
-        net.eval()
-        model: nn.Module = Normalized(net, mean, std).eval() if mean and std else net
-        return LoadedModel(model, spec, "torchscript", num_classes, None)
     arch, sep, weights = spec.partition(":")
-    if not sep:
-        if arch in ZOO:
-            raise ModelError(f"'{spec}' names an architecture but no weights", hint=f"use {arch}:PATH")
-        raise ModelError(f"cannot understand model spec '{spec}'",
-                         hint="use ARCH:WEIGHTS (e.g. cifar_resnet20:model.th) or FILE.pt")
-    return load_zoo_model(arch, Path(weights) if weights else None, num_classes,
-                          mean=mean, std=std, trust_model=trust_model)
+    if sep and arch in ZOO:
+        if not weights:
+            raise ModelError(f"'{spec}' names no weights file", hint=f"use {arch}:PATH")
+        return load_zoo_model(arch, Path(weights) if weights else None, num_classes,
+                              mean=mean, std=std, trust_model=trust_model)
+    if spec.endswith(TORCHSCRIPT_SUFFIXES):
+        return _load_torchscript(Path(spec), num_classes, mean, std)
+    if sep and re.fullmatch(r"[A-Za-z_]\w*", arch):
+        raise ModelError(f"unknown architecture '{arch}'", hint=f"known: {', '.join(sorted(ZOO))}")
+    if arch in ZOO:
+        raise ModelError(f"'{spec}' names an architecture but no weights", hint=f"use {arch}:PATH")
+    raise ModelError(f"cannot understand model spec '{spec}'",
+                     hint="use ARCH:WEIGHTS (e.g. cifar_resnet20:model.th) or FILE.pt")
+
+
+def _load_torchscript(path: Path, num_classes: int, mean, std) -> LoadedModel:
+    if not path.is_file():
+        raise ModelError(f"TorchScript file not found: {path}")
+    try:
+        net = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise ModelError(f"cannot load TorchScript file {path}: {exc}") from None
+    net.eval()
+    model: nn.Module = Normalized(net, mean, std).eval() if mean and std else net
+    return LoadedModel(model, str(path), "torchscript", num_classes, None)
