@@ -218,7 +218,7 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
                 for rec, err in zip(records, errors):
                     rec["error"] = err
                 stored = np.round(corrected * 255).astype(np.uint8) if cfg.pixels == "uint8" else corrected
-                store.add(records, stored, seconds)
+                store.add(records, stored, images, seconds)
                 advance(len(idx))
         records = store.records()
         summary = summarize(cfg, ds, preds, records, store.seconds())

@@ -21,7 +21,8 @@ CREATE TABLE IF NOT EXISTS results (
     idx INTEGER PRIMARY KEY,      -- index of the image in the data set
     record TEXT NOT NULL,         -- JSON: labels, queries, norms, regions, ...
     corrected BLOB,               -- the corrected image, uint8 or float32 bytes (H, W, C)
-    dtype TEXT
+    dtype TEXT,
+    original BLOB                 -- the unmodified image, uint8 bytes (H, W, C)
 );
 CREATE TABLE IF NOT EXISTS timing (id INTEGER PRIMARY KEY AUTOINCREMENT, seconds REAL NOT NULL, n INTEGER NOT NULL);
 """
@@ -64,26 +65,31 @@ class RunStore:
     def done(self) -> set[int]:
         return {row[0] for row in self.db.execute("SELECT idx FROM results")}
 
-    def add(self, records: list[dict], corrected: np.ndarray | None, seconds: float) -> None:
-        """Store one finished batch atomically: its rows and the time it took."""
+    def add(self, records: list[dict], corrected: np.ndarray, originals: np.ndarray, seconds: float) -> None:
+        """Store one finished batch atomically: its rows, images, and the time it took.
+        `corrected` is uint8 or float32 (N, H, W, C); `originals` is uint8 (N, H, W, C)."""
         rows = []
         for i, rec in enumerate(records):
-            img = None if corrected is None else np.ascontiguousarray(corrected[i])
-            rows.append((int(rec["index"]), json.dumps(rec), None if img is None else img.tobytes(),
-                         None if img is None else f"{img.dtype.str}:{','.join(map(str, img.shape))}"))
+            img = np.ascontiguousarray(corrected[i])
+            rows.append((int(rec["index"]), json.dumps(rec), img.tobytes(),
+                         f"{img.dtype.str}:{','.join(map(str, img.shape))}",
+                         np.ascontiguousarray(originals[i], dtype=np.uint8).tobytes()))
         with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)", rows)
+            self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", rows)
             self.db.execute("INSERT INTO timing (seconds, n) VALUES (?, ?)", (seconds, len(records)))
 
     def records(self) -> list[dict]:
         return [json.loads(r) for (r,) in self.db.execute("SELECT record FROM results ORDER BY idx")]
 
-    def corrected(self, idx: int) -> np.ndarray | None:
-        row = self.db.execute("SELECT corrected, dtype FROM results WHERE idx = ?", (idx,)).fetchone()
-        if row is None or row[0] is None:
+    def images(self, idx: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(original uint8, corrected uint8-or-float32), each (H, W, C), or None if not stored."""
+        row = self.db.execute("SELECT original, corrected, dtype FROM results WHERE idx = ?", (idx,)).fetchone()
+        if row is None:
             return None
-        dtype, shape = row[1].split(":")
-        return np.frombuffer(row[0], dtype=np.dtype(dtype)).reshape(tuple(int(s) for s in shape.split(",")))
+        dtype, shape = row[2].split(":")
+        shape = tuple(int(s) for s in shape.split(","))
+        return (np.frombuffer(row[0], dtype=np.uint8).reshape(shape),
+                np.frombuffer(row[1], dtype=np.dtype(dtype)).reshape(shape))
 
     def seconds(self) -> float:
         return float(self.db.execute("SELECT COALESCE(SUM(seconds), 0) FROM timing").fetchone()[0])
