@@ -343,14 +343,16 @@ def test_query_total_matches_target_counter(name):
 
 
 def test_minimal_query_count_is_known_on_linear_model():
-    # Every image succeeds by phase 2, so each spends exactly steps + grid_steps queries.
+    # Every image succeeds by phase 2, so each spends exactly steps + grid_steps queries,
+    # plus one gradient and prune_steps checks in phase 3.
     model, x, labels, _, _ = linear_problem()
     target = WhiteBoxTarget(model, 2)
     attack = MinimalAttack()
     r = attack.run(target, x, labels)
     assert r.success.all()
-    assert (r.queries == attack.steps + attack.grid_steps).all()
-    assert target.queries == len(x) * (attack.steps + attack.grid_steps)
+    expected = attack.steps + attack.grid_steps + 1 + attack.prune_steps
+    assert (r.queries == expected).all()
+    assert target.queries == len(x) * expected
     target = WhiteBoxTarget(model, 2)
     attack = MinimalAttack(pixels="float")
     r = attack.run(target, x, labels)
