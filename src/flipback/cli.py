@@ -98,6 +98,21 @@ def _floats(text: Optional[str]):
     return parse_floats(text)
 
 
+def _step_option(method: str, step: Optional[str]) -> dict:
+    if step is None:
+        return {}
+    if method != "paper":
+        raise FlipbackError("--step applies to the paper method only")
+    num, _, den = step.partition("/")
+    try:
+        value = float(num) / (float(den) if den else 1.0)
+    except ValueError:
+        raise FlipbackError(f"cannot read step '{step}'", hint="e.g. --step 2/255 or --step 0.0078") from None
+    if not 0 < value <= 1:
+        raise FlipbackError(f"step {step} is outside (0, 1]")
+    return {"step": value}
+
+
 @app.command()
 def explain(
     model: str = typer.Option(..., help="ARCH:WEIGHTS (e.g. cifar_resnet20:model.th) or FILE.pt (TorchScript)."),
@@ -106,6 +121,7 @@ def explain(
     mode: Mode = typer.Option(Mode.white_box, help="white-box: the model's gradients."),
     method: str = typer.Option("minimal", help="paper | fast | minimal"),
     budget: Optional[int] = typer.Option(None, help="Most queries per image (default: the method's)."),
+    step: Optional[str] = typer.Option(None, help="paper method: step size, e.g. 2/255 (default 1/255)."),
     pixels: Pixels = typer.Option(Pixels.uint8, help="uint8: corrections must survive 8-bit rounding."),
     split: str = typer.Option("test", help="train or test, for IDX folders and folders with split sub-folders."),
     limit: Optional[int] = typer.Option(None, help="Explain only the first N errors."),
@@ -123,7 +139,8 @@ def explain(
     def go():
         cfg = ExplainConfig(model=model, data=data, mode=mode.value, method=method, pixels=pixels.value,
                             budget=budget, split=split, limit=limit, mean=_floats(mean), std=_floats(std),
-                            seed=seed, trust_model=trust_model, figures=figures, batch_size=batch_size)
+                            seed=seed, trust_model=trust_model, figures=figures, batch_size=batch_size,
+                            options=_step_option(method, step))
         summary = run_explain(cfg, out_dir, show_progress=not _state["quiet"], resume=resume, log=_log)
         _print_summary(summary, out_dir)
 

@@ -91,6 +91,28 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class SurrogateCNN(nn.Module):
+    """The default surrogate for black-box targets: a VGG-style CNN with batch norm that
+    trains on 10,000 images in minutes on 2 CPU cores and takes any image size."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 32):
+        super().__init__()
+
+        def block(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        w = width
+        self.features = nn.Sequential(
+            *block(in_channels, w), nn.MaxPool2d(2),
+            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+            *block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1),
+        )
+        self.classifier = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
 class Normalized(nn.Module):
     """Puts the model's input normalization inside the model: callers always pass [0,1] pixels."""
 

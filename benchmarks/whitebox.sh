@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The white-box benchmarks of docs/benchmarks.md. Needs ../shared and the bench extra.
+#   bash benchmarks/whitebox.sh [OUT_DIR]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/bench-whitebox}
+MODEL=cifar_resnet20:../shared/models/cifar10_resnet20.th
+DATA=../shared/data/cifar10-jpeg/test
+FB=.venv/bin/flipback
+rm -rf "$OUT"
+# 1. paper / fast / minimal on all misclassified images, side by side with the paper.
+time $FB bench paper --mode white-box --model $MODEL --data $DATA --out "$OUT/bench"
+# 2. the paper method's step size (the paper does not give it).
+for s in 2/255 3/255; do
+  time $FB --quiet explain --method paper --step $s --no-figures --model $MODEL --data $DATA --out "$OUT/paper-step-${s%/255}"
+  python3 -c "import json,sys; s=json.load(open('$OUT/paper-step-${s%/255}/summary.json')); print('paper step $s', s['success_rate'], s['mean_queries'], s['median_l2'])"
+done
+# 3. minimal against Foolbox DDN (all errors) and FMN (first 300), speed measured in the same run.
+time .venv/bin/python benchmarks/whitebox_minimal.py --model $MODEL --data $DATA --attacks ddn --out "$OUT/foolbox-ddn.json"
+time .venv/bin/python benchmarks/whitebox_minimal.py --model $MODEL --data $DATA --attacks fmn,fmn-fixed --limit 300 --out "$OUT/foolbox-fmn.json"
