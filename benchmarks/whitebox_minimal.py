@@ -46,7 +46,7 @@ def main() -> None:
     ds = load_dataset(args.data)
     model = load_model(args.model, ds.num_classes).module
     target = WhiteBoxTarget(model, ds.num_classes)
-    idx = predict_dataset(target, ds, show_progress=False).misclassified[: args.limit]
+    idx = predict_dataset(lambda b: target.predict(b, counted=False), ds, show_progress=False).misclassified[: args.limit]
     x, y = to_tensor(ds.images[idx]), torch.from_numpy(ds.labels[idx])
     rows = []
     for pixels in ("uint8", "float"):

@@ -32,6 +32,11 @@ class Mode(str, Enum):
     black_box = "black-box"
 
 
+class Output(str, Enum):
+    scores = "scores"
+    label = "label"
+
+
 class Pixels(str, Enum):
     uint8 = "uint8"
     float = "float"
@@ -132,6 +137,8 @@ def explain(
     seed: int = typer.Option(0),
     resume: bool = typer.Option(True, help="Resume a run folder holding the same run."),
     trust_model: bool = typer.Option(False, help="Allow unpickling a full model file (can run code)."),
+    surrogate: Optional[str] = typer.Option(None, help="black-box: surrogate file from `flipback surrogate`."),
+    output: Output = typer.Option(Output.scores, help="black-box: the target returns scores, or only a label."),
 ):
     """Find the target's errors and explain each with a verified corrective change."""
     from .runs.explain_run import ExplainConfig, run_explain
@@ -140,7 +147,7 @@ def explain(
         cfg = ExplainConfig(model=model, data=data, mode=mode.value, method=method, pixels=pixels.value,
                             budget=budget, split=split, limit=limit, mean=_floats(mean), std=_floats(std),
                             seed=seed, trust_model=trust_model, figures=figures, batch_size=batch_size,
-                            options=_step_option(method, step))
+                            options=_step_option(method, step), surrogate=surrogate, output=output.value)
         summary = run_explain(cfg, out_dir, show_progress=not _state["quiet"], resume=resume, log=_log)
         _print_summary(summary, out_dir)
 
@@ -153,20 +160,25 @@ def bench_paper(
     data: str = typer.Option(..., help="Test data."),
     out_dir: Path = typer.Option(..., "--out"),
     mode: Mode = typer.Option(Mode.white_box),
-    methods: str = typer.Option("paper,fast,minimal", help="Comma-separated methods to run."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all of the mode's)."),
     pixels: Pixels = typer.Option(Pixels.uint8),
     limit: Optional[int] = typer.Option(None, help="Only the first N errors."),
     figures: bool = typer.Option(False, help="Write per-image figures (slow for thousands of images)."),
     batch_size: int = typer.Option(256, min=1),
+    surrogate_data: Optional[str] = typer.Option(None, help="black-box: images to train the surrogate on."),
+    surrogate_budget: int = typer.Option(10000, help="black-box: target queries for the surrogate."),
+    surrogate: Optional[str] = typer.Option(None, help="black-box: use this surrogate instead of training one."),
+    output: Output = typer.Option(Output.scores, help="black-box: the target returns scores, or only a label."),
 ):
     """Run each method on all errors and compare with the published figures."""
     from .runs.bench import PAPER, run_bench
 
     def go():
         result = run_bench(model=model, data=data, out_dir=out_dir, mode=mode.value,
-                           methods=[m.strip() for m in methods.split(",") if m.strip()], pixels=pixels.value,
+                           methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None, pixels=pixels.value,
                            limit=limit, figures=figures, batch_size=batch_size,
-                           show_progress=not _state["quiet"], log=_log)
+                           surrogate=surrogate, surrogate_data=surrogate_data, surrogate_budget=surrogate_budget,
+                           output=output.value, show_progress=not _state["quiet"], log=_log)
         if _state["json"]:
             print(json.dumps(result))
             return
@@ -185,6 +197,36 @@ def bench_paper(
                       f"{s['images_per_second']:.1f}")
         out.print(t)
         out.print(f"summary: {(out_dir / 'summary.json').resolve()}", markup=False, highlight=False)
+
+    _guard(go)
+
+
+@app.command("surrogate")
+def surrogate_cmd(
+    target: str = typer.Option(..., help="The black-box target SPEC."),
+    data: str = typer.Option(..., help="Images to query the target on (labels are not needed)."),
+    budget: int = typer.Option(..., help="Most target queries to spend."),
+    out_file: Path = typer.Option(..., "--out", help="Where to save the surrogate."),
+    split: str = typer.Option("train", help="train or test, for IDX folders and split folders."),
+    output: Output = typer.Option(Output.scores, help="Learn from the target's scores, or only its labels."),
+    epochs: int = typer.Option(30, min=1),
+    width: int = typer.Option(16, min=4, help="Surrogate width (channels of its first layer)."),
+    seed: int = typer.Option(0),
+    mean: Optional[str] = typer.Option(None, help="Normalization the target expects, if it does not do it."),
+    std: Optional[str] = typer.Option(None),
+):
+    """Train a surrogate of a black-box target from its answers alone."""
+    from .runs.surrogate_run import run_surrogate
+
+    def go():
+        meta = run_surrogate(target=target, data=data, budget=budget, out=out_file, split=split,
+                             output=output.value, epochs=epochs, width=width, seed=seed, mean=_floats(mean),
+                             std=_floats(std), show_progress=not _state["quiet"], log=_log)
+        if _state["json"]:
+            print(json.dumps(meta))
+        elif not _state["quiet"]:
+            out.print(f"surrogate: {out_file} ({meta['queries']} queries, agreement with the target on "
+                      f"{meta['held_out']} held-out images: {meta['agreement']:.1%})", markup=False, highlight=False)
 
     _guard(go)
 

@@ -1,9 +1,11 @@
 """Small PNG tiles for the report's gallery, drawn with Pillow (fast; no matplotlib).
 
 One strip per error, four panels side by side: the original, the corrected image, the
-change amplified (grey = no change) and the change magnitude over the original with the
-top regions outlined. Images are upscaled by an integer factor with nearest-neighbour
-(28x28 -> 84x84, 32x32 -> 96x96) or shrunk to fit ``TILE`` pixels when larger.
+change amplified (grey = no change) and the change magnitude over the original (the page
+outlines the top regions on it). Small images (up to ``TILE`` pixels) are stored at their
+own resolution and the page shows them upscaled by an integer factor, nearest-neighbour
+(28x28 -> 84x84, 32x32 -> 96x96): small files, quick to write. Larger images are shrunk
+to fit ``TILE`` pixels.
 
 Tiles are cached: ``tiles/manifest.json`` maps each image index to a key of what the
 tile was drawn from, and a tile whose key still matches is not drawn again.
@@ -13,32 +15,39 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 #: Target side of one panel, in pixels.
 TILE = 96
 #: Pixels between panels.
 GAP = 3
 #: Bump when the drawing changes, so cached tiles are redrawn.
-VERSION = 2
-#: Outline colours of regions 1, 2, 3 (the page uses the same ones).
-REGION_COLORS = [(0, 229, 255), (255, 212, 0), (255, 79, 216)]
+VERSION = 3
 _BACKGROUND = (255, 255, 255)
 _MANIFEST = "manifest.json"
 
 
-def panel_scale(h: int, w: int, tile: int = TILE) -> tuple[int, int]:
-    """(height, width) of one panel for an (h, w) image."""
-    side = max(h, w, 1)
+def tile_geometry(h: int, w: int, tile: int = TILE) -> dict:
+    """Layout of the strip of an (h, w) image.
+
+    Images up to ``tile`` pixels are stored at their own resolution, with one-pixel gaps,
+    and shown ``scale`` times larger by the page (nearest-neighbour, CSS ``pixelated``);
+    larger ones are shrunk to fit ``tile`` pixels, with ``GAP``-pixel gaps, and shown as
+    they are. ``ph``/``pw``: one panel in the file; ``width``/``height``: the file.
+    """
+    h, w = max(1, int(h)), max(1, int(w))
+    side = max(h, w)
     if side <= tile:
-        f = max(1, tile // side)
-        return h * f, w * f
-    s = tile / side
-    return max(1, round(h * s)), max(1, round(w * s))
+        ph, pw, gap, scale = h, w, 1, max(1, tile // side)
+    else:
+        f = tile / side
+        ph, pw, gap, scale = max(1, round(h * f)), max(1, round(w * f)), GAP, 1
+    return {"h": h, "w": w, "ph": ph, "pw": pw, "gap": gap, "scale": scale,
+            "width": 4 * pw + 3 * gap, "height": ph}
 
 
 def _inferno_lut() -> np.ndarray:
@@ -70,24 +79,8 @@ def _rgb(img: np.ndarray) -> np.ndarray:
     return img[..., :3]
 
 
-def _resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour upscale by an integer factor, else a box-filtered shrink."""
-    h, w = img.shape[:2]
-    th, tw = size
-    if (th, tw) == (h, w):
-        return img
-    if th % h == 0 and tw % w == 0 and th >= h:
-        return np.repeat(np.repeat(img, th // h, axis=0), tw // w, axis=1)
-    return np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BOX))
-
-
-def strip_arrays(original: np.ndarray, corrected: np.ndarray, regions: Iterable[dict] = (),
-                 tile: int = TILE) -> np.ndarray:
-    """The four panels as one (h, 4*w + 3*GAP, 3) uint8 array.
-
-    ``original``: uint8 (H, W, C). ``corrected``: uint8, or float in [0, 1], (H, W, C).
-    ``regions``: ranked region dicts with ``bbox`` = [y0, x0, y1, x1] (exclusive ends).
-    """
+def _panels(original: np.ndarray, corrected: np.ndarray) -> list[np.ndarray]:
+    """Original, corrected, amplified change and change-over-original, each (H, W, 3) uint8."""
     orig = np.asarray(original)
     if orig.ndim == 2:
         orig = orig[..., None]
@@ -108,43 +101,41 @@ def strip_arrays(original: np.ndarray, corrected: np.ndarray, regions: Iterable[
     m = float(np.abs(delta).max()) if delta.size else 0.0
     amp = np.full(delta.shape, 128, np.uint8) if m <= 0 else \
         np.round(np.clip(0.5 + 0.5 * delta / m, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return [_rgb(orig_u8), _rgb(corr_u8), _rgb(amp), _overlay(orig_u8, np.sqrt((delta * delta).sum(axis=-1)))]
 
-    mag = np.sqrt((delta * delta).sum(axis=-1))
-    mmax = float(mag.max()) if mag.size else 0.0
-    heat = mag / mmax if mmax > 0 else np.zeros_like(mag)
+
+def _overlay(orig_u8: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+    """The change magnitude (inferno colours) over the dimmed grey original."""
+    mmax = float(magnitude.max()) if magnitude.size else 0.0
+    heat = magnitude / mmax if mmax > 0 else np.zeros_like(magnitude)
     gray = _rgb(orig_u8).astype(np.float32).mean(axis=-1, keepdims=True) * 0.55
     colour = _lut()[np.round(heat * 255.0).astype(np.int64)].astype(np.float32)
     alpha = np.clip(heat * 1.6, 0.0, 0.9)[..., None]
-    overlay = np.round(gray * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+    return np.round(gray * (1.0 - alpha) + colour * alpha).astype(np.uint8)
 
-    h, w = orig_u8.shape[:2]
-    ph, pw = panel_scale(h, w, tile)
-    panels = [_resize(_rgb(orig_u8), (ph, pw)), _resize(_rgb(corr_u8), (ph, pw)),
-              _resize(_rgb(amp), (ph, pw)), _resize(overlay, (ph, pw))]
 
-    over = Image.fromarray(panels[3])
-    draw = ImageDraw.Draw(over)
-    sy, sx = ph / h, pw / w
-    for colour_rgb, r in zip(REGION_COLORS, list(regions)[: len(REGION_COLORS)]):
-        try:
-            y0, x0, y1, x1 = (float(v) for v in r["bbox"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        box = [round(x0 * sx), round(y0 * sy), round(x1 * sx) - 1, round(y1 * sy) - 1]
-        if box[2] >= box[0] and box[3] >= box[1]:
-            draw.rectangle(box, outline=colour_rgb, width=1 if min(ph, pw) < 48 else 2)
-    panels[3] = np.asarray(over)
-
-    out = np.empty((ph, 4 * pw + 3 * GAP, 3), np.uint8)
+def _join(panels: list[np.ndarray], geo: dict) -> np.ndarray:
+    ph, pw, gap = geo["ph"], geo["pw"], geo["gap"]
+    out = np.empty((ph, len(panels) * pw + (len(panels) - 1) * gap, 3), np.uint8)
     out[...] = _BACKGROUND
     for k, p in enumerate(panels):
-        out[:, k * (pw + GAP): k * (pw + GAP) + pw] = p
+        if p.shape[:2] != (ph, pw):
+            p = np.asarray(Image.fromarray(p).resize((pw, ph), Image.Resampling.BOX))
+        out[:, k * (pw + gap): k * (pw + gap) + pw] = p
     return out
 
 
+def strip_arrays(original: np.ndarray, corrected: np.ndarray, tile: int = TILE) -> np.ndarray:
+    """The four panels side by side, as one (height, width, 3) uint8 array laid out by
+    :func:`tile_geometry`. ``original``: uint8 (H, W, C); ``corrected``: uint8, or float
+    in [0, 1], (H, W, C). The page draws the region outlines over the last panel."""
+    panels = _panels(original, corrected)
+    h, w = panels[0].shape[:2]
+    return _join(panels, tile_geometry(h, w, tile))
+
+
 def tile_key(rec: dict) -> str:
-    return json.dumps([VERSION, TILE, rec.get("l2"), rec.get("queries"), bool(rec.get("success")),
-                       [r.get("bbox") for r in (rec.get("regions") or [])[:3] if isinstance(r, dict)]])
+    return json.dumps([VERSION, TILE, rec.get("l2"), rec.get("linf"), rec.get("queries"), bool(rec.get("success"))])
 
 
 def tile_name(idx: int) -> str:
@@ -152,9 +143,10 @@ def tile_name(idx: int) -> str:
 
 
 def write_tiles(tiles_dir: Path, records: list[dict],
-                load: Callable[[int], tuple[np.ndarray, np.ndarray] | None]) -> dict[int, str]:
-    """Draw the tiles that are missing or stale; return {index: file name} for every
-    record whose tile exists. ``load(idx)`` returns (original, corrected) or None."""
+                load: Callable[[int], tuple[np.ndarray, np.ndarray] | None]) -> dict[int, tuple[str, list[int]]]:
+    """Draw the tiles that are missing or stale; return {index: (file name, [h, w])} for
+    every record whose tile exists, (h, w) being the image's size. ``load(idx)`` returns
+    (original, corrected) or None."""
     tiles_dir = Path(tiles_dir)
     tiles_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = tiles_dir / _MANIFEST
@@ -165,7 +157,7 @@ def write_tiles(tiles_dir: Path, records: list[dict],
     except (OSError, ValueError):
         manifest = {}
     existing = set(os.listdir(tiles_dir))
-    out: dict[int, str] = {}
+    out: dict[int, tuple[str, list[int]]] = {}
     changed = False
     for rec in records:
         try:
@@ -173,19 +165,21 @@ def write_tiles(tiles_dir: Path, records: list[dict],
         except (KeyError, TypeError, ValueError):
             continue
         name, key = tile_name(idx), tile_key(rec)
-        if name in existing and manifest.get(str(idx)) == key:
-            out[idx] = name
+        cached = manifest.get(str(idx))
+        if name in existing and isinstance(cached, list) and len(cached) == 2 and cached[0] == key:
+            out[idx] = (name, cached[1])
             continue
         try:
             pair = load(idx)
             if pair is None:
                 continue
-            arr = strip_arrays(pair[0], pair[1], rec.get("regions") or [])
+            arr = strip_arrays(pair[0], pair[1])
         except (ValueError, TypeError):
             continue
-        Image.fromarray(arr).save(tiles_dir / name, format="PNG", compress_level=3)
-        manifest[str(idx)] = key
-        out[idx] = name
+        Image.fromarray(arr).save(tiles_dir / name, format="PNG", compress_level=1)
+        hw = [int(pair[0].shape[0]), int(pair[0].shape[1])]
+        manifest[str(idx)] = [key, hw]
+        out[idx] = (name, hw)
         changed = True
     if changed:
         tmp = tiles_dir / f".{_MANIFEST}.tmp-{os.getpid()}"
@@ -196,10 +190,10 @@ def write_tiles(tiles_dir: Path, records: list[dict],
 
 def write_pair_maps(pairs_dir: Path, groups: dict[tuple[int, int], list[int]],
                     load: Callable[[int], tuple[np.ndarray, np.ndarray] | None],
-                    max_members: int = 300) -> dict[tuple[int, int], str]:
+                    max_members: int = 300) -> dict[tuple[int, int], tuple[str, dict]]:
     """For each confusion pair, one PNG: the mean original and the mean change magnitude
     over it (a recurring cause shows as a bright spot). Images of another shape than the
-    pair's first are left out. Returns {(true, pred): file name}."""
+    pair's first are left out. Returns {(true, pred): (file name, tile geometry)}."""
     pairs_dir = Path(pairs_dir)
     pairs_dir.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -227,20 +221,9 @@ def write_pair_maps(pairs_dir: Path, groups: dict[tuple[int, int], list[int]],
         if n == 0:
             continue
         mean_orig = np.round(np.clip(sum_orig / n, 0, 1) * 255).astype(np.uint8)
-        mag = sum_mag / n
-        mmax = float(mag.max())
-        heat = mag / mmax if mmax > 0 else mag
-        gray = _rgb(mean_orig).astype(np.float32).mean(axis=-1, keepdims=True) * 0.55
-        colour = _lut()[np.round(heat * 255).astype(np.int64)].astype(np.float32)
-        alpha = np.clip(heat * 1.6, 0.0, 0.9)[..., None]
-        overlay = np.round(gray * (1 - alpha) + colour * alpha).astype(np.uint8)
-        h, w = shape[:2]
-        ph, pw = panel_scale(h, w)
-        arr = np.empty((ph, 2 * pw + GAP, 3), np.uint8)
-        arr[...] = _BACKGROUND
-        arr[:, :pw] = _resize(_rgb(mean_orig), (ph, pw))
-        arr[:, pw + GAP:] = _resize(overlay, (ph, pw))
+        geo = tile_geometry(*shape[:2])
+        arr = _join([_rgb(mean_orig), _overlay(mean_orig, sum_mag / n)], geo)
         name = f"{int(t)}_{int(p)}.png"
-        Image.fromarray(arr).save(pairs_dir / name, format="PNG", compress_level=3)
-        out[(t, p)] = name
+        Image.fromarray(arr).save(pairs_dir / name, format="PNG", compress_level=1)
+        out[(t, p)] = (name, geo)
     return out

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import FlipbackError
+from ..report import write_report
 from .explain_run import ExplainConfig, run_explain
 
 # Haffar, Jebreel, Domingo-Ferrer, Sanchez, MDAI 2021 (LNCS 12898), as reported.
@@ -20,14 +22,19 @@ PAPER = {
 }
 
 
-def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[str], pixels: str = "uint8",
-              limit: int | None = None, figures: bool = False, batch_size: int = 256, show_progress: bool = True,
-              log=print) -> dict:
+def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[str] | None = None,
+              pixels: str = "uint8", limit: int | None = None, figures: bool = False, batch_size: int = 256,
+              surrogate: str | None = None, surrogate_data: str | None = None, surrogate_budget: int = 10000,
+              output: str = "scores", show_progress: bool = True, log=print) -> dict:
     out_dir = Path(out_dir)
+    if methods is None:
+        methods = ["paper", "fast", "minimal"] if mode == "white-box" else ["paper", "fast"]
+    if mode == "black-box" and surrogate is None:
+        surrogate = str(_bench_surrogate(model, surrogate_data, surrogate_budget, output, out_dir, show_progress, log))
     results = {}
     for method in methods:
         cfg = ExplainConfig(model=model, data=data, mode=mode, method=method, pixels=pixels, limit=limit,
-                            figures=figures, batch_size=batch_size)
+                            figures=figures, batch_size=batch_size, surrogate=surrogate, output=output)
         log(f"bench: {method}")
         summary = run_explain(cfg, out_dir / method, show_progress=show_progress, log=log)
         results[method] = {k: v for k, v in summary.items() if k not in ("confusion", "classes")}
@@ -35,4 +42,21 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
     combined = {**headline, "methods": results, "published": PAPER[mode]}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(combined, indent=2))
+    write_report(out_dir)  # the bench page, and each method's page compared with the paper
     return combined
+
+
+def _bench_surrogate(model, surrogate_data, budget, output, out_dir: Path, show_progress, log) -> Path:
+    """Train the bench's surrogate once; a re-run (resume) reuses the one in the folder."""
+    from .surrogate_run import run_surrogate
+
+    if not surrogate_data:
+        raise FlipbackError("a black-box bench needs --surrogate-data (or --surrogate FILE)",
+                            hint="e.g. --surrogate-data cifar10/train --surrogate-budget 10000")
+    path = out_dir / f"surrogate-{output}-{budget}.th"
+    if path.is_file():
+        log(f"using the bench's surrogate {path}")
+        return path
+    run_surrogate(target=model, data=surrogate_data, budget=budget, out=path, output=output,
+                  show_progress=show_progress, log=log)
+    return path

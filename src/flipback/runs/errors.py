@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..data import Dataset
-from ..targets import WhiteBoxTarget
 from .progress import progress_bar
 
 
@@ -39,12 +39,12 @@ class Predictions:
         return m
 
 
-def predict_dataset(target: WhiteBoxTarget, ds: Dataset, *, batch_size: int = 500,
+def predict_dataset(scores: Callable[[torch.Tensor], torch.Tensor], ds: Dataset, *, batch_size: int = 500,
                     show_progress: bool = True) -> Predictions:
-    """Evaluations of unmodified images are not queries (docs/mission): uncounted."""
+    """`scores` must not count queries: evaluations of unmodified images are free (docs/mission)."""
     predicted = np.empty(len(ds), dtype=np.int64)
     with progress_bar("predicting", total=len(ds), enabled=show_progress) as advance:
         for idx, images in ds.batches(batch_size):
-            predicted[idx] = target.predict(to_tensor(images), counted=False).argmax(1).numpy()
+            predicted[idx] = scores(to_tensor(images)).argmax(1).numpy()
             advance(len(idx))
     return Predictions(ds.labels.copy(), predicted)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,15 +18,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..attacks import AttackResult, make_attack
+from ..attacks import AttackResult
 from ..data import Dataset, load_dataset
 from ..errors import FlipbackError, ModelError
 from ..explain import explain_changes, save_figure
-from ..report import write_index
+from ..report import write_report
 from ..store import RunStore
-from ..targets import LoadedModel, WhiteBoxTarget, load_model
+from ..targets.blackbox import BudgetExceeded as BudgetExceededError
 from .errors import Predictions, predict_dataset, to_tensor
 from .progress import progress_bar
+from .session import Session, black_box_session, white_box_session
+
+
+@contextmanager
+def session_closed(session: Session):
+    try:
+        yield session
+    finally:
+        session.close()
 
 
 @dataclass
@@ -44,11 +54,14 @@ class ExplainConfig:
     trust_model: bool = False
     figures: bool = True
     batch_size: int = 256
+    surrogate: str | None = None  # black-box mode: the surrogate file
+    output: str = "scores"  # black-box mode: the target returns "scores" or only a top-1 "label"
     options: dict = field(default_factory=dict)  # extra attack options, e.g. {"step": 2/255}
 
     def identity(self, data_fingerprint: str, model_fingerprint: str) -> dict:
         """What must match for a run folder to be resumed."""
-        keep = ("model", "mode", "method", "pixels", "budget", "split", "limit", "mean", "std", "seed", "options")
+        keep = ("model", "mode", "method", "pixels", "budget", "split", "limit", "mean", "std", "seed", "options",
+                "surrogate", "output")
         d = {k: v for k, v in asdict(self).items() if k in keep}
         return {**d, "data_fingerprint": data_fingerprint, "model_fingerprint": model_fingerprint}
 
@@ -68,16 +81,6 @@ def attack_options(cfg: ExplainConfig) -> dict:
     if cfg.budget is not None:
         opts["max_steps" if cfg.method == "paper" else "max_queries"] = cfg.budget
     return opts
-
-
-def check_input_shape(loaded: LoadedModel, ds: Dataset) -> None:
-    h, w, c = ds.shape
-    if loaded.input_shape is not None and loaded.input_shape != (c, h, w):
-        raise ModelError(
-            f"{loaded.arch} expects {loaded.input_shape[0]}x{loaded.input_shape[1]}x{loaded.input_shape[2]} "
-            f"(CxHxW) images, the data set has {c}x{h}x{w}",
-            hint="choose a model made for this data set",
-        )
 
 
 def _probabilities(logits: torch.Tensor) -> list[list[float]]:
@@ -131,20 +134,23 @@ def _save_images(run_dir: Path, ds: Dataset, idx, originals, corrected, explanat
     return figure_paths, image_paths
 
 
-def _attack_batch(attack, target: WhiteBoxTarget, x: torch.Tensor, y: torch.Tensor):
-    """Attack a batch; if it breaks, retry image by image so one bad image costs only itself."""
+def _attack_batch(session: Session, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray):
+    """Attack a batch; if it breaks, retry image by image so one bad image costs only itself.
+    Whole-run problems (a spent total budget, a model that cannot be used) stop the run."""
     try:
-        return attack.run(target, x, y), [None] * len(x)
-    except FlipbackError:
+        return session.attack(x, y, idx), [None] * len(x)
+    except (ModelError, BudgetExceededError):
         raise
     except Exception:
         results, errors = [], []
         for k in range(len(x)):
             try:
-                results.append(attack.run(target, x[k:k + 1], y[k:k + 1]))
+                results.append(session.attack(x[k:k + 1], y[k:k + 1], idx[k:k + 1]))
                 errors.append(None)
+            except (ModelError, BudgetExceededError):
+                raise
             except Exception as exc:  # recorded against this image, the run goes on
-                n = target.num_classes
+                n = session.num_classes
                 results.append(AttackResult(x[k:k + 1].clone(), torch.zeros(1, dtype=torch.bool),
                                             torch.zeros(1, dtype=torch.long), torch.full((1, n), float("nan"))))
                 errors.append(f"{type(exc).__name__}: {exc}")
@@ -184,16 +190,15 @@ def summarize(cfg: ExplainConfig, ds: Dataset, preds: Predictions, records: list
 def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True, resume: bool = True,
                 log=print) -> dict:
     torch.manual_seed(cfg.seed)
-    if cfg.mode != "white-box":
-        raise FlipbackError(f"mode '{cfg.mode}' is not available in this version", hint="use --mode white-box")
+    if cfg.mode not in ("white-box", "black-box"):
+        raise FlipbackError(f"unknown mode '{cfg.mode}'", hint="use --mode white-box or --mode black-box")
     ds = load_dataset(cfg.data, split=cfg.split, progress=show_progress)
-    loaded = load_model(cfg.model, ds.num_classes, mean=cfg.mean, std=cfg.std, trust_model=cfg.trust_model)
-    check_input_shape(loaded, ds)
-    target = WhiteBoxTarget(loaded.module, ds.num_classes)
-    attack = make_attack(cfg.method, **attack_options(cfg))
+    make_session = white_box_session if cfg.mode == "white-box" else black_box_session
+    session = make_session(cfg, ds, attack_options(cfg))
     run_dir = Path(run_dir)
-    with RunStore.open(run_dir, cfg.identity(ds.fingerprint, file_fingerprint(cfg.model)), resume=resume) as store:
-        preds = predict_dataset(target, ds, show_progress=show_progress)
+    identity = cfg.identity(ds.fingerprint, file_fingerprint(cfg.model) + file_fingerprint(cfg.surrogate or ""))
+    with session_closed(session), RunStore.open(run_dir, identity, resume=resume) as store:
+        preds = predict_dataset(session.scores, ds, show_progress=show_progress)
         todo_all = preds.misclassified[: cfg.limit] if cfg.limit is not None else preds.misclassified
         done = store.done()
         todo = np.array([i for i in todo_all if int(i) not in done], dtype=np.int64)
@@ -206,8 +211,8 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
                 images = ds.images[idx]
                 x, y = to_tensor(images), torch.from_numpy(ds.labels[idx])
                 t0 = time.perf_counter()
-                before = target.predict(x, counted=False)
-                result, errors = _attack_batch(attack, target, x, y)
+                before = session.scores(x)
+                result, errors = _attack_batch(session, x, y, idx)
                 seconds = time.perf_counter() - t0
                 originals = x.permute(0, 2, 3, 1).numpy()
                 corrected = result.corrected.permute(0, 2, 3, 1).numpy()
@@ -222,6 +227,9 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
                 advance(len(idx))
         records = store.records()
         summary = summarize(cfg, ds, preds, records, store.seconds())
+        summary.update(session.summary)
+        if "surrogate_queries" in summary and records:
+            summary["surrogate_queries_per_image"] = summary["surrogate_queries"] / len(records)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_index(run_dir, {k: v for k, v in summary.items() if k not in ("classes", "confusion")}, records)
+    write_report(run_dir)
     return summary

@@ -1,0 +1,126 @@
+"""Corrective attacks on black-box targets, guided by a surrogate's gradients.
+
+The surrogate is ours, so evaluating it costs no target query; only candidates sent to
+the target are counted (by the target's accounting layer). A candidate counts as
+corrected when the target's top-1 answer is the true label.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..targets.surrogate import as_probabilities
+from ..targets.whitebox import WhiteBoxTarget, margin, neg_cross_entropy
+from .base import AttackResult, CorrectiveAttack, to_grid
+
+
+def _log_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """Targets return probabilities or logits (or nothing: NaN); in log-probabilities, margins
+    are logit differences either way. Without scores, the margin reads as 0."""
+    if torch.isnan(scores).all():
+        return torch.zeros_like(scores)
+    return torch.log(as_probabilities(scores).clamp_min(1e-12))
+
+
+class TransferAttack(CorrectiveAttack):
+    """Base class: holds the surrogate; `run(target, images, labels, ids)` with a black-box target."""
+
+    def __init__(self, surrogate: torch.nn.Module, num_classes: int, *, pixels: str = "uint8"):
+        super().__init__(pixels=pixels)
+        self.surrogate = WhiteBoxTarget(surrogate, num_classes)
+
+    def _ask(self, target, x: torch.Tensor, ids: torch.Tensor):
+        answer = target.query(x, ids)
+        scores = answer.scores if answer.scores is not None else torch.full((len(x), target.num_classes), float("nan"))
+        return answer.labels, scores.float()
+
+
+class PaperTransferAttack(TransferAttack):
+    """The published method 2: signed-gradient steps of the surrogate toward the true label,
+    one target query per candidate, stopping at the first correct answer."""
+
+    name = "paper"
+
+    def __init__(self, surrogate, num_classes, *, step: float = 1 / 255, max_steps: int = 20,
+                 pixels: str = "uint8"):
+        super().__init__(surrogate, num_classes, pixels=pixels)
+        self.step, self.max_steps = step, max_steps
+
+    def run(self, target, images, labels, ids=None) -> AttackResult:
+        ids = torch.arange(len(images)) if ids is None else ids
+        corrected, success, queries, logits = self._start(target, images)
+        active = torch.arange(len(images))
+        for _ in range(self.max_steps):
+            if len(active) == 0:
+                break
+            _, grad = self.surrogate.gradient(corrected[active], labels[active], neg_cross_entropy, counted=False)
+            x = to_grid(corrected[active] + self.step * grad.sign(), self.pixels)
+            answered, scores = self._ask(target, x, ids[active])
+            queries[active] += 1
+            corrected[active], logits[active] = x, scores
+            ok = answered == labels[active]
+            success[active] = ok
+            active = active[~ok]
+        return AttackResult(corrected, success, queries, logits)
+
+
+class FastTransferAttack(TransferAttack):
+    """flipback's black-box method: spend surrogate work, which is free, to save target queries.
+
+    Signed 1/255 steps on the surrogate continue until the surrogate's margin for the true
+    label reaches a wanted value; only then is the target asked. The first wanted margin is
+    `confidence` logits above the surrogate's margin on the original (where the surrogate
+    already agrees with the truth, it is wrong about this image, and only a stronger push
+    helps). When the target disagrees, the wanted margin at least doubles, stays
+    `confidence` above where the surrogate now is, and, with scores, also grows by how far
+    the target's answer still is from the true label. Surrogate steps cost no target query."""
+
+    name = "fast"
+
+    def __init__(self, surrogate, num_classes, *, confidence: float = 4.0, step: float = 1 / 255,
+                 inner_steps: int = 64, max_queries: int = 10, pixels: str = "uint8"):
+        super().__init__(surrogate, num_classes, pixels=pixels)
+        self.confidence, self.step = confidence, step
+        self.inner_steps, self.max_queries = inner_steps, max_queries
+
+    def _surrogate_margin(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return margin(self.surrogate.predict(x, counted=False), labels)
+
+    def _strengthen(self, x: torch.Tensor, labels: torch.Tensor, want: torch.Tensor):
+        """Surrogate steps until its margin reaches `want` per image (batched early stop).
+        Returns the candidates and the surrogate's margin on them."""
+        x = x.clone()
+        reached = torch.empty(len(x))
+        active = torch.arange(len(x))
+        for i in range(self.inner_steps + 1):
+            # The margin's gradient, unlike cross-entropy's, does not vanish once the surrogate is confident.
+            out, grad = self.surrogate.gradient(x[active], labels[active], margin, counted=False)
+            m = margin(out, labels[active])
+            reached[active] = m
+            short = m < want[active]
+            active, grad = active[short], grad[short]
+            if len(active) == 0 or i == self.inner_steps:
+                break
+            x[active] = to_grid(x[active] + self.step * grad.sign(), self.pixels)
+        return x, reached
+
+    def run(self, target, images, labels, ids=None) -> AttackResult:
+        ids = torch.arange(len(images)) if ids is None else ids
+        corrected, success, queries, logits = self._start(target, images)
+        start = self._surrogate_margin(corrected, labels)
+        want = start.clamp_min(0) + self.confidence
+        active = torch.arange(len(images))
+        for _ in range(self.max_queries):
+            if len(active) == 0:
+                break
+            x, reached = self._strengthen(corrected[active], labels[active], want[active])
+            answered, scores = self._ask(target, x, ids[active])
+            queries[active] += 1
+            corrected[active], logits[active] = x, scores
+            ok = answered == labels[active]
+            success[active] = ok
+            gap = (-margin(_log_probabilities(scores), labels[active])).clamp_min(0)
+            want[active] = torch.maximum(2 * want[active], reached + self.confidence) + gap
+            active = active[~ok]
+        return AttackResult(corrected, success, queries, logits)
+BLACK_BOX_ATTACKS = {a.name: a for a in (PaperTransferAttack, FastTransferAttack)}

@@ -1,0 +1,32 @@
+"""`flipback surrogate`: query a black-box target on the user's images and train a surrogate."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..data import load_dataset
+from ..targets.surrogate import save_surrogate, train_surrogate
+from .progress import progress_bar
+
+
+def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str = "train", output: str = "scores",
+                  epochs: int = 30, width: int = 16, seed: int = 0, mean=None, std=None, show_progress: bool = True,
+                  log=print) -> dict:
+    from ..targets.blackbox import load_blackbox
+
+    ds = load_dataset(data, split=split, progress=show_progress)
+    h, w, c = ds.shape
+    t0 = time.perf_counter()
+    with load_blackbox(target, ds.num_classes, output=output, budget=budget, mean=mean, std=std,
+                       input_shape=(c, h, w)) as bb:
+        n = min(budget, len(ds))
+        with progress_bar("querying the target", total=n, enabled=show_progress) as q_adv, \
+                progress_bar("training the surrogate (epochs)", total=epochs, enabled=show_progress) as t_adv:
+            surrogate = train_surrogate(bb, ds, budget, width=width, epochs=epochs, seed=seed, target_spec=target,
+                                        progress=lambda stage, k: (q_adv if stage == "query" else t_adv)(k))
+        surrogate.meta["queries"] = int(bb.queries)  # the accounting layer's exact count
+    surrogate.meta["seconds"] = time.perf_counter() - t0
+    save_surrogate(surrogate, out)
+    log(f"surrogate saved to {out}")
+    return surrogate.meta

@@ -1,0 +1,155 @@
+"""Surrogate models of black-box targets, trained only from the target's answers.
+
+The target is queried on the user's own images (labels are not needed), up to a query
+budget. A surrogate starts from random weights and learns the target's soft answers
+(probabilities) when the target returns scores, or its top-1 labels otherwise. Random
+crops and flips reuse the answer of the image they came from, so they cost no query.
+A held-out part of the queried images measures how often surrogate and target agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import Dataset
+from ..errors import FlipbackError, ModelError
+from .zoo import Normalized, SurrogateCNN
+
+SURROGATE_MEAN, SURROGATE_STD = 0.5, 0.25
+
+
+@dataclass
+class Surrogate:
+    module: torch.nn.Module  # takes [0,1] NCHW pixels, returns logits
+    meta: dict  # arch, width, num_classes, input_shape, queries, agreement, target, output, ...
+
+
+def as_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """Targets return probabilities or logits; the surrogate learns probabilities."""
+    s = scores.float()
+    looks_like_probs = bool((s >= 0).all() and torch.allclose(s.sum(1), torch.ones(len(s)), atol=1e-3))
+    return s if looks_like_probs else torch.softmax(s, 1)
+
+
+def build_surrogate(num_classes: int, in_channels: int, width: int) -> Normalized:
+    net = SurrogateCNN(num_classes, in_channels, width)
+    c = in_channels
+    return Normalized(net, (SURROGATE_MEAN,) * c, (SURROGATE_STD,) * c)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
+    """Random 4-pixel-padded crops (and horizontal flips): batched, no Python loop per image."""
+    n, _, h, w = x.shape
+    pad = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    dy = torch.randint(0, 9, (n,), generator=gen)
+    dx = torch.randint(0, 9, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h)[None])[:, None, :, None].expand(n, x.shape[1], h, w + 8)
+    out = pad.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(w)[None])[:, None, None, :].expand(n, x.shape[1], h, w)
+    out = out.gather(3, cols)
+    if flip:
+        mask = torch.rand(n, generator=gen) < 0.5
+        out[mask] = out[mask].flip(3)
+    return out
+
+
+def query_answers(target, ds: Dataset, indices: np.ndarray, *, batch_size: int = 500, progress=None):
+    """Ask the target about `indices` (counted queries). Returns (probabilities or None, labels)."""
+    from ..runs.errors import to_tensor
+
+    probs, labels = [], []
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        answer = target.query(to_tensor(ds.images[idx]), torch.from_numpy(idx))
+        labels.append(answer.labels.long())
+        if answer.scores is not None:
+            probs.append(as_probabilities(answer.scores))
+        if progress:
+            progress(len(idx))
+    return (torch.cat(probs) if probs and len(probs) == len(labels) else None), torch.cat(labels)
+
+
+def train_surrogate(target, ds: Dataset, budget: int, *, width: int = 16, epochs: int = 30,
+                    holdout: float = 0.1, batch_size: int = 128, lr: float = 0.05, flip: bool = True,
+                    seed: int = 0, target_spec: str = "", progress=None) -> Surrogate:
+    """Query the target on `budget` images of `ds` and fit a surrogate to its answers.
+
+    `progress(stage, advance)` is called as work proceeds, if given."""
+    from ..runs.errors import to_tensor
+
+    if budget < 10:
+        raise FlipbackError(f"a surrogate needs a budget of at least 10 queries, got {budget}")
+    rng = np.random.default_rng(seed)
+    n = min(budget, len(ds))
+    chosen = np.sort(rng.permutation(len(ds))[:n])
+    probs, labels = query_answers(target, ds, chosen, progress=(lambda k: progress("query", k)) if progress else None)
+    if labels.min() < 0 or labels.max() >= ds.num_classes:
+        raise ModelError(f"the target answered labels outside 0..{ds.num_classes - 1}")
+    soft = probs is not None
+    n_hold = max(1, int(round(n * holdout)))
+    train_idx, hold_idx = np.arange(n - n_hold), np.arange(n - n_hold, n)
+    x_all = to_tensor(ds.images[chosen])
+    h, w, c = ds.shape
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_surrogate(ds.num_classes, c, width)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps_per_epoch = -(-len(train_idx) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    model.train()
+    for _ in range(epochs):
+        order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
+        for start in range(0, len(order), batch_size):
+            b = order[start:start + batch_size]
+            x = _augment(x_all[b], gen, flip and c == 3)
+            logits = model(x)
+            if soft:
+                loss = -(probs[b] * F.log_softmax(logits, 1)).sum(1).mean()
+            else:
+                loss = F.cross_entropy(logits, labels[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if progress:
+            progress("train", 1)
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x_all[hold_idx[i:i + 500]]).argmax(1) for i in range(0, len(hold_idx), 500)])
+    agreement = float((pred == labels[hold_idx]).float().mean())
+    meta = {"arch": "surrogate_cnn", "width": width, "num_classes": ds.num_classes, "input_shape": [c, h, w],
+            "classes": list(ds.classes), "queries": int(n), "held_out": int(n_hold), "agreement": agreement,
+            "output": "scores" if soft else "label", "epochs": epochs, "target": target_spec, "seed": seed}
+    return Surrogate(model, meta)
+
+
+def save_surrogate(s: Surrogate, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"state_dict": s.module.state_dict(), "meta": s.meta}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_surrogate(path: Path) -> Surrogate:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"surrogate file not found: {path}", hint="make one with `flipback surrogate`")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        meta = obj["meta"]
+        c = meta["input_shape"][0]
+        model = build_surrogate(meta["num_classes"], c, meta["width"])
+        model.load_state_dict(obj["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise ModelError(f"{path} is not a flipback surrogate ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:
+        raise ModelError(f"cannot read surrogate {path}: {exc}") from None
+    return Surrogate(model.eval(), meta)

@@ -1,0 +1,1 @@
+"""Helpers for tests/test_server.py: a KServe server subprocess and a fault-injecting proxy."""

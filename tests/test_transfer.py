@@ -1,0 +1,120 @@
+"""Black-box corrective attacks on scripted targets whose query needs are known exactly."""
+
+import numpy as np
+import pytest
+import torch
+
+from flipback.attacks.transfer import FastTransferAttack, PaperTransferAttack
+from flipback.targets.blackbox import from_module
+from flipback.targets.surrogate import as_probabilities, load_surrogate, save_surrogate, train_surrogate
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Scripted(torch.nn.Module):
+    """Two classes; the class-1 logit minus the class-0 logit is 255 * sum(x) - bias, so one
+    signed step of 1/255 on every one of the 16 pixels raises the margin of class 1 by 16."""
+
+    def __init__(self, bias: float):
+        super().__init__()
+        self.bias = bias
+
+    def forward(self, x):
+        s = 255 * x.flatten(1).sum(1) - self.bias
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+def images_needing(steps):
+    """Images (1x4x4, mid-grey) of class 1 whose margin is -(16 * k - 8): k steps needed."""
+    base = 127 / 255
+    bias = 255 * 16 * base
+    x = torch.full((len(steps), 1, 4, 4), base)
+    # Lower the sum so that exactly k steps of +16 are needed: margin = -16k + 8.
+    offsets = torch.tensor([16 * k - 8 for k in steps], dtype=torch.float32)
+    x[:, 0, 0, 0] -= offsets / 255
+    return x, torch.ones(len(steps), dtype=torch.long), Scripted(bias)
+
+
+@pytest.mark.parametrize("output", ["scores", "label"])
+def test_paper_method_spends_exactly_the_steps_it_needs(output):
+    steps = [1, 3, 2, 5, 1]
+    x, y, model = images_needing(steps)
+    target = from_module(model, 2, output=output)
+    r = PaperTransferAttack(model, 2).run(target, x, y, torch.arange(len(x)))
+    assert r.success.all()
+    assert r.queries.tolist() == steps
+    assert target.queries == sum(steps)
+    assert target.queries_for(torch.arange(len(x))).tolist() == steps
+
+
+@pytest.mark.parametrize("output", ["scores", "label"])
+def test_fast_method_needs_one_query_when_the_surrogate_is_exact(output):
+    x, y, model = images_needing([1, 4, 2, 7])
+    target = from_module(model, 2, output=output)
+    r = FastTransferAttack(model, 2).run(target, x, y, torch.arange(len(x)))
+    assert r.success.all() and r.queries.tolist() == [1, 1, 1, 1] and target.queries == 4
+    on_grid = torch.round(r.corrected * 255) / 255
+    assert torch.equal(on_grid, r.corrected)
+
+
+@pytest.mark.parametrize("output, expected", [("label", 3), ("scores", 2)])
+def test_fast_method_raises_its_wanted_margin_until_the_target_agrees(output, expected):
+    # The surrogate is biased: its margin is the target's plus 40. Images need 3 steps (target
+    # margin -40, surrogate margin 0); each step adds 16 to both.
+    x, y, target_model = images_needing([3, 3])
+    surrogate = Scripted(target_model.bias - 40)
+    target = from_module(target_model, 2, output=output)
+    r = FastTransferAttack(surrogate, 2, confidence=4.0).run(target, x, y, torch.arange(len(x)))
+    # Wanted surrogate margins: 4 (one step: surrogate 16, target -24: wrong). Labels only: then
+    # max(2*4, 16+4) = 20 (surrogate 32, target -8: wrong), then max(40, 36) = 40 (surrogate 48,
+    # target 8: right), 3 queries. With scores the target's gap of 24 is added: 20 + 24 = 44,
+    # reached at surrogate 48 (target 8), 2 queries.
+    assert r.success.all()
+    assert r.queries.tolist() == [expected, expected]
+    assert target.queries == 2 * expected
+
+
+def test_per_image_budget_is_never_exceeded():
+    x, y, model = images_needing([3, 9])
+    target = from_module(model, 2, output="scores", per_image_budget=4)
+    r = PaperTransferAttack(model, 2, max_steps=4).run(target, x, y, torch.arange(2))
+    assert r.success.tolist() == [True, False]
+    assert r.queries.tolist() == [3, 4] and target.queries_for(torch.arange(2)).tolist() == [3, 4]
+
+
+def test_surrogate_learns_a_simple_target_from_its_answers(tmp_path):
+    from flipback.data import Dataset
+
+    rng = np.random.default_rng(0)
+    n = 400
+    images = rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+    labels = np.zeros(n, dtype=np.int64)  # the surrogate never sees labels
+
+    class Bright(torch.nn.Module):  # class 1 when the left half is brighter than the right
+        def forward(self, x):
+            d = 20 * (x[..., :4].mean((1, 2, 3)) - x[..., 4:].mean((1, 2, 3)))
+            return torch.stack([-d, d], 1)
+
+    ds = Dataset(images, labels, ["a", "b"], [f"i{i}" for i in range(n)], source="mem", fingerprint="x")
+    target = from_module(Bright(), 2, output="scores", budget=300)
+    s = train_surrogate(target, ds, 300, width=8, epochs=40, flip=False)
+    assert target.queries == 300 and s.meta["queries"] == 300 and s.meta["output"] == "scores"
+    assert s.meta["agreement"] >= 0.8
+    path = save_surrogate(s, tmp_path / "s.th")
+    again = load_surrogate(path)
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(again.module(x), s.module(x))
+
+
+def test_scores_are_read_as_probabilities_or_logits():
+    p = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
+    assert torch.equal(as_probabilities(p), p)
+    logits = torch.tensor([[0.0, 2.0], [-1.0, 3.0]])
+    assert torch.allclose(as_probabilities(logits), torch.softmax(logits, 1))
