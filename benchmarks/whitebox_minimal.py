@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from foolbox_baselines import run_foolbox  # noqa: E402
 
-from flipback.attacks import MinimalAttack  # noqa: E402
+from flipback.attacks import AttackResult, MinimalAttack  # noqa: E402
 from flipback.data import load_dataset  # noqa: E402
 from flipback.runs.errors import predict_dataset, to_tensor  # noqa: E402
 from flipback.targets import WhiteBoxTarget, load_model  # noqa: E402
@@ -51,8 +51,11 @@ def main() -> None:
     rows = []
     for pixels in ("uint8", "float"):
         t0 = time.perf_counter()
-        r = MinimalAttack(pixels=pixels).run(target, x, y)
+        # Batches of 256, as Foolbox's runs below and `flipback explain` use.
+        parts = [MinimalAttack(pixels=pixels).run(target, x[i:i + 256], y[i:i + 256]) for i in range(0, len(x), 256)]
         secs = time.perf_counter() - t0
+        r = AttackResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                           ("corrected", "success", "queries", "logits")))
         l2 = (r.corrected - x).flatten(1).norm(dim=1)
         l2[~r.success] = float("nan")
         rows.append({"attack": f"flipback minimal ({pixels})", "pixels": pixels,

@@ -70,7 +70,7 @@ def test_fast_method_raises_its_wanted_margin_until_the_target_agrees(output, ex
     x, y, target_model = images_needing([3, 3])
     surrogate = Scripted(target_model.bias - 40)
     target = from_module(target_model, 2, output=output)
-    r = FastTransferAttack(surrogate, 2, confidence=4.0).run(target, x, y, torch.arange(len(x)))
+    r = FastTransferAttack(surrogate, 2, confidence=4.0, direction="sign").run(target, x, y, torch.arange(len(x)))
     # Wanted surrogate margins: 4 (one step: surrogate 16, target -24: wrong). Labels only: then
     # max(2*4, 16+4) = 20 (surrogate 32, target -8: wrong), then max(40, 36) = 40 (surrogate 48,
     # target 8: right), 3 queries. With scores the target's gap of 24 is added: 20 + 24 = 44,
@@ -92,8 +92,11 @@ def test_surrogate_learns_a_simple_target_from_its_answers(tmp_path):
     from flipback.data import Dataset
 
     rng = np.random.default_rng(0)
-    n = 400
-    images = rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+    n = 800
+    images = rng.integers(0, 176, (n, 8, 8, 1), dtype=np.uint8)
+    left = rng.random(n) < 0.5  # a brighter half, chosen at random: learnable, not trivial
+    images[left, :, :4] += 80
+    images[~left, :, 4:] += 80
     labels = np.zeros(n, dtype=np.int64)  # the surrogate never sees labels
 
     class Bright(torch.nn.Module):  # class 1 when the left half is brighter than the right
@@ -102,9 +105,9 @@ def test_surrogate_learns_a_simple_target_from_its_answers(tmp_path):
             return torch.stack([-d, d], 1)
 
     ds = Dataset(images, labels, ["a", "b"], [f"i{i}" for i in range(n)], source="mem", fingerprint="x")
-    target = from_module(Bright(), 2, output="scores", budget=300)
-    s = train_surrogate(target, ds, 300, width=8, epochs=40, flip=False)
-    assert target.queries == 300 and s.meta["queries"] == 300 and s.meta["output"] == "scores"
+    target = from_module(Bright(), 2, output="scores", budget=600)
+    s = train_surrogate(target, ds, 600, width=8, epochs=30, flip=False)
+    assert target.queries == 600 and s.meta["queries"] == 600 and s.meta["output"] == "scores"
     assert s.meta["agreement"] >= 0.8
     path = save_surrogate(s, tmp_path / "s.th")
     again = load_surrogate(path)

@@ -12,6 +12,7 @@ import torch
 from ..targets.surrogate import as_probabilities
 from ..targets.whitebox import WhiteBoxTarget, margin, neg_cross_entropy
 from .base import AttackResult, CorrectiveAttack, to_grid
+from .projection import project_to_halfspace
 
 
 def _log_probabilities(scores: torch.Tensor) -> torch.Tensor:
@@ -67,8 +68,11 @@ class PaperTransferAttack(TransferAttack):
 class FastTransferAttack(TransferAttack):
     """flipback's black-box method: spend surrogate work, which is free, to save target queries.
 
-    Signed 1/255 steps on the surrogate continue until the surrogate's margin for the true
-    label reaches a wanted value; only then is the target asked. The first wanted margin is
+    Steps on the surrogate continue until the surrogate's margin for the true label reaches
+    a wanted value; only then is the target asked. The steps are the smallest-L2 8-bit
+    changes to the wanted margin as linearized (with 20% overshoot) for the first
+    `l2_rounds` queries, and signed 1/255 steps after that, which do not stall where the
+    L2 step is blocked by the pixel range. The first wanted margin is
     `confidence` logits above the surrogate's margin on the original (where the surrogate
     already agrees with the truth, it is wrong about this image, and only a stronger push
     helps). When the target disagrees, the wanted margin at least doubles, stays
@@ -77,16 +81,18 @@ class FastTransferAttack(TransferAttack):
 
     name = "fast"
 
-    def __init__(self, surrogate, num_classes, *, confidence: float = 4.0, step: float = 1 / 255,
-                 inner_steps: int = 64, max_queries: int = 10, pixels: str = "uint8"):
+    def __init__(self, surrogate, num_classes, *, confidence: float = 8.0, step: float = 1 / 255,
+                 inner_steps: int = 64, max_queries: int = 10, direction: str = "auto", l2_rounds: int = 3,
+                 pixels: str = "uint8"):
         super().__init__(surrogate, num_classes, pixels=pixels)
         self.confidence, self.step = confidence, step
         self.inner_steps, self.max_queries = inner_steps, max_queries
+        self.direction, self.l2_rounds = direction, l2_rounds
 
     def _surrogate_margin(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return margin(self.surrogate.predict(x, counted=False), labels)
 
-    def _strengthen(self, x: torch.Tensor, labels: torch.Tensor, want: torch.Tensor):
+    def _strengthen(self, x: torch.Tensor, labels: torch.Tensor, want: torch.Tensor, direction: str):
         """Surrogate steps until its margin reaches `want` per image (batched early stop).
         Returns the candidates and the surrogate's margin on them."""
         x = x.clone()
@@ -101,7 +107,15 @@ class FastTransferAttack(TransferAttack):
             active, grad = active[short], grad[short]
             if len(active) == 0 or i == self.inner_steps:
                 break
-            x[active] = to_grid(x[active] + self.step * grad.sign(), self.pixels)
+            if direction == "sign":
+                x[active] = to_grid(x[active] + self.step * grad.sign(), self.pixels)
+            else:  # the smallest-L2 change to the wanted margin, as linearized, with 20% overshoot
+                shape = x[active].shape
+                pixels255 = x[active].flatten(1) * 255
+                need = 1.2 * (want[active] - m[short])
+                change = project_to_halfspace(grad.flatten(1) / 255, need, pixels255,
+                                              discrete=self.pixels == "uint8")
+                x[active] = to_grid(((pixels255 + change) / 255).view(shape), self.pixels)
         return x, reached
 
     def run(self, target, images, labels, ids=None) -> AttackResult:
@@ -110,10 +124,13 @@ class FastTransferAttack(TransferAttack):
         start = self._surrogate_margin(corrected, labels)
         want = start.clamp_min(0) + self.confidence
         active = torch.arange(len(images))
-        for _ in range(self.max_queries):
+        for round_ in range(self.max_queries):
             if len(active) == 0:
                 break
-            x, reached = self._strengthen(corrected[active], labels[active], want[active])
+            direction = self.direction
+            if direction == "auto":  # small L2 changes first; signed steps where those stall
+                direction = "l2" if round_ < self.l2_rounds else "sign"
+            x, reached = self._strengthen(corrected[active], labels[active], want[active], direction)
             answered, scores = self._ask(target, x, ids[active])
             queries[active] += 1
             corrected[active], logits[active] = x, scores

@@ -22,7 +22,7 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
                        input_shape=(c, h, w)) as bb:
         n = min(budget, len(ds))
         with progress_bar("querying the target", total=n, enabled=show_progress) as q_adv, \
-                progress_bar("training the surrogate (epochs)", total=epochs, enabled=show_progress) as t_adv:
+                progress_bar("training the surrogate", total=epochs, enabled=show_progress, unit="epoch") as t_adv:
             surrogate = train_surrogate(bb, ds, budget, width=width, epochs=epochs, seed=seed, target_spec=target,
                                         progress=lambda stage, k: (q_adv if stage == "query" else t_adv)(k))
         surrogate.meta["queries"] = int(bb.queries)  # the accounting layer's exact count

@@ -92,7 +92,10 @@ def train_surrogate(target, ds: Dataset, budget: int, *, width: int = 16, epochs
         raise ModelError(f"the target answered labels outside 0..{ds.num_classes - 1}")
     soft = probs is not None
     n_hold = max(1, int(round(n * holdout)))
-    train_idx, hold_idx = np.arange(n - n_hold), np.arange(n - n_hold, n)
+    # `chosen` is sorted (cheap reads from the data cache), so the held-out part must be drawn
+    # at random: a tail slice of an image folder would be one class.
+    split = rng.permutation(n)
+    train_idx, hold_idx = np.sort(split[n_hold:]), np.sort(split[:n_hold])
     x_all = to_tensor(ds.images[chosen])
     h, w, c = ds.shape
 
