@@ -21,15 +21,6 @@ from flipback.targets.whitebox import margin
 STEP = 1 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra threads only contend for the shared cores (100x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -343,18 +334,23 @@ def test_query_total_matches_target_counter(name):
 
 
 def test_minimal_query_count_is_known_on_linear_model():
-    # Every image succeeds by phase 2, so each spends exactly steps + grid_steps queries,
-    # plus one gradient and prune_steps checks in phase 3.
+    # Without early stopping, every image succeeds by phase 2, so each spends exactly steps +
+    # grid_steps queries, plus one gradient and prune_steps checks in phase 3.
     model, x, labels, _, _ = linear_problem()
     target = WhiteBoxTarget(model, 2)
-    attack = MinimalAttack()
+    attack = MinimalAttack(patience=MinimalAttack().steps + 1)
     r = attack.run(target, x, labels)
     assert r.success.all()
     expected = attack.steps + attack.grid_steps + 1 + attack.prune_steps
     assert (r.queries == expected).all()
     assert target.queries == len(x) * expected
+    # With early stopping (the default), images leave phase 1 once their best norm stalls.
     target = WhiteBoxTarget(model, 2)
-    attack = MinimalAttack(pixels="float")
+    early = MinimalAttack().run(target, x, labels)
+    assert early.success.all() and (early.queries < expected).all()
+    assert target.queries == int(early.queries.sum())
+    target = WhiteBoxTarget(model, 2)
+    attack = MinimalAttack(pixels="float", patience=MinimalAttack().steps + 1)
     r = attack.run(target, x, labels)
     assert (r.queries == attack.steps).all() and target.queries == len(x) * attack.steps
 

@@ -15,16 +15,8 @@ from flipback.errors import ModelError
 from flipback.targets import ZOO, CifarResNet, Normalized, SmallCNN, WhiteBoxTarget, load_model
 from flipback.targets.zoo import IMAGENET_MEAN, IMAGENET_STD
 
-SHARED_CKPT = Path("/work/shared/models/cifar10_resnet20.th")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: extra threads only contend for the shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# ../shared sits beside the checkout (and beside CI's clone).
+SHARED_CKPT = Path(__file__).resolve().parents[2] / "shared" / "models" / "cifar10_resnet20.th"
 
 
 def _randomized_resnet(depth: int, seed: int = 0) -> CifarResNet:
@@ -214,7 +206,7 @@ def test_whitebox_counts_and_freezes():
     torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not SHARED_CKPT.is_file(), reason="needs ../shared")
+@pytest.mark.skipif(not SHARED_CKPT.is_file(), reason="needs ../shared (the pretrained CIFAR ResNet-20 checkpoint), absent here")
 def test_public_resnet20_checkpoint_loads():
     loaded = load_model(f"cifar_resnet20:{SHARED_CKPT}", 10)
     x = torch.rand(2, 3, 32, 32)

@@ -9,14 +9,6 @@ from flipback.targets.blackbox import from_module
 from flipback.targets.surrogate import as_probabilities, load_surrogate, save_surrogate, train_surrogate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Scripted(torch.nn.Module):
     """Two classes; the class-1 logit minus the class-0 logit is 255 * sum(x) - bias, so one
     signed step of 1/255 on every one of the 16 pixels raises the margin of class 1 by 16."""

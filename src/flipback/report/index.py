@@ -111,13 +111,8 @@ def _float(v) -> float | None:
 
 
 def _int(v) -> int | None:
-    if isinstance(v, bool) or v is None:
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return int(f) if math.isfinite(f) and f == int(f) else None
+    f = _float(v)
+    return int(f) if f is not None and f == int(f) else None
 
 
 def _round(v, digits: int = 5) -> float | None:

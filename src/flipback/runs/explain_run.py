@@ -25,6 +25,7 @@ from ..explain import explain_changes, save_figure
 from ..report import write_report
 from ..store import RunStore
 from ..targets.blackbox import BudgetExceeded as BudgetExceededError
+from ..targets.surrogate import as_probabilities
 from .errors import Predictions, predict_dataset, to_tensor
 from .progress import progress_bar
 from .session import Session, black_box_session, white_box_session
@@ -83,15 +84,16 @@ def attack_options(cfg: ExplainConfig) -> dict:
     return opts
 
 
-def _probabilities(logits: torch.Tensor) -> list[list[float]]:
-    return [[round(float(p), 6) for p in row] for row in torch.softmax(logits, 1)]
+def _probabilities(scores: torch.Tensor) -> list[list[float]]:
+    """Logits (white-box) or the target's scores (black-box) as rounded probabilities."""
+    return [[round(float(p), 6) for p in row] for row in as_probabilities(torch.nan_to_num(scores))]
 
 
 def _records(ds: Dataset, idx: np.ndarray, result: AttackResult, before: torch.Tensor,
              explanations, figure_paths, image_paths) -> list[dict]:
     labels = ds.labels[idx]
     after_pred = torch.nan_to_num(result.logits, nan=-1e30).argmax(1).numpy()
-    prob_before, prob_after = _probabilities(before), _probabilities(torch.nan_to_num(result.logits))
+    prob_before, prob_after = _probabilities(before), _probabilities(result.logits)
     out = []
     for j, i in enumerate(idx):
         e = explanations[j]
@@ -126,8 +128,8 @@ def _save_images(run_dir: Path, ds: Dataset, idx, originals, corrected, explanat
         if cfg.figures:
             save_figure(run_dir / "figures" / name, originals[j], corrected[j], explanations[j],
                         class_names=ds.classes, true_label=int(ds.labels[i]), pred_before=int(before[j].argmax()),
-                        pred_after=int(after_pred[j]), scores_before=torch.softmax(before[j], 0).numpy(),
-                        scores_after=torch.softmax(torch.nan_to_num(result.logits[j]), 0).numpy())
+                        pred_after=int(after_pred[j]), scores_before=as_probabilities(before[j:j + 1])[0].numpy(),
+                        scores_after=as_probabilities(torch.nan_to_num(result.logits[j:j + 1]))[0].numpy())
             figure_paths.append(f"figures/{name}")
         else:
             figure_paths.append(None)
