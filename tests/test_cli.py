@@ -191,3 +191,22 @@ def test_demo_trains_once_and_explains(tmp_path):
 def test_demo_without_data_says_how_to_get_it(tmp_path):
     res = runner.invoke(app, ["demo", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     assert "apt-get install dataset-fashion-mnist" in _error(res)
+
+
+@pytest.mark.parametrize("output", ["scores", "label"])
+def test_black_box_surrogate_then_explain(tiny, tmp_path, output):
+    ckpt, data = tiny
+    sur = tmp_path / "sur.th"
+    res = invoke("--quiet", "surrogate", "--target", f"small_cnn:{ckpt}", "--data", data, "--budget", 40,
+                 "--epochs", 2, "--output", output, "--out", sur)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "bb"
+    res = invoke("--quiet", "explain", "--mode", "black-box", "--model", f"small_cnn:{ckpt}", "--data", data,
+                 "--surrogate", sur, "--output", output, "--method", "fast", "--budget", 3, "--limit", 6,
+                 "--no-figures", "--out", out)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(k in summary for k in REQUIRED + ("surrogate_queries", "surrogate_agreement"))
+    assert summary["mode"] == "black-box" and summary["surrogate_queries"] == 40 and summary["output"] == output
+    records = [json.loads(r) for (r,) in sqlite3.connect(out / "results.sqlite").execute("SELECT record FROM results")]
+    assert len(records) == 6 and all(1 <= r["queries"] <= 3 for r in records)  # the per-image budget holds

@@ -61,8 +61,7 @@ def black_box_session(cfg, ds: Dataset, attack_options: dict) -> Session:
         target.close()
         raise FlipbackError(f"method '{cfg.method}' has no black-box version",
                             hint=f"choose one of: {', '.join(BLACK_BOX_ATTACKS)}")
-    options = {k: v for k, v in attack_options.items() if k != "max_steps" or cfg.method == "paper"}
-    attack = BLACK_BOX_ATTACKS[cfg.method](surrogate.module, ds.num_classes, **options)
+    attack = BLACK_BOX_ATTACKS[cfg.method](surrogate.module, ds.num_classes, **attack_options)
 
     def scores(x: torch.Tensor) -> torch.Tensor:
         answer = target.query(x, counted=False)
