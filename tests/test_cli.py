@@ -178,14 +178,19 @@ def test_demo_trains_once_and_explains(tmp_path):
         images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
         for i, y in enumerate(labels):
             images[i, 2 * y:2 * y + 3] = 200
+        if prefix == "t10k":  # mislabel a third of the test set, so that there are errors to explain
+            labels[: n // 3] = (labels[: n // 3] + 1) % 10
         _write_idx(folder, prefix, images, labels)
     out = tmp_path / "demo"
     res = invoke("--quiet", "demo", "--data", folder, "--out", out, "--limit", 5)
     assert res.exit_code == 0, res.output
-    assert (out / "index.html").is_file()
-    cached = list((tmp_path / "cache").glob("*")) if False else None  # the cache lives in FLIPBACK_CACHE
+    for mode in ("white-box", "black-box"):
+        summary = json.loads((out / mode / "summary.json").read_text())
+        assert summary["mode"] == mode and summary["n_explained"] == 5
+        assert (out / mode / "index.html").is_file()
+    assert json.loads((out / "black-box" / "summary.json").read_text())["surrogate_queries"] == 300
     res2 = runner.invoke(app, ["demo", "--data", str(folder), "--out", str(out), "--limit", "5"])
-    assert res2.exit_code == 0 and "cached model" in res2.output
+    assert res2.exit_code == 0 and "cached model" in res2.output and "cached surrogate" in res2.output
 
 
 def test_demo_without_data_says_how_to_get_it(tmp_path):

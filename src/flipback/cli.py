@@ -78,7 +78,9 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     t.add_column("value", justify="right")
     for key in ("n_images", "accuracy", "n_misclassified", "n_explained", "n_corrected", "success_rate",
                 "mean_queries", "mean_queries_success", "median_l2", "median_linf", "seconds",
-                "images_per_second", "n_skipped"):
+                "images_per_second", "n_skipped", "surrogate_queries", "surrogate_agreement"):
+        if key not in summary:
+            continue
         v = summary.get(key)
         t.add_row(key, f"{v:.4g}" if isinstance(v, float) else str(v))
     out.print(t)
@@ -248,16 +250,21 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder written by exp
 def demo(
     data: Optional[str] = typer.Option(None, help="Fashion-MNIST IDX folder (default: Debian's dataset-fashion-mnist)."),
     out_dir: Path = typer.Option(Path("runs/demo"), "--out"),
-    method: str = typer.Option("minimal"),
+    method: str = typer.Option("minimal", help="The white-box method (the black-box half uses fast)."),
     limit: Optional[int] = typer.Option(None, help="Explain only the first N errors."),
 ):
-    """Train (once) a small CNN on Fashion-MNIST and explain its test-set errors."""
+    """Train (once) a small CNN on Fashion-MNIST and explain its test-set errors, white-box
+    and black-box."""
     from .runs.demo import run_demo
 
     def go():
-        summary = run_demo(data=data, out_dir=out_dir, method=method, limit=limit,
-                           show_progress=not _state["quiet"], log=_log)
-        _print_summary(summary, out_dir)
+        summaries = run_demo(data=data, out_dir=out_dir, method=method, limit=limit,
+                             show_progress=not _state["quiet"], log=_log)
+        if _state["json"]:
+            print(json.dumps({mode: {k: v for k, v in s.items() if k != "confusion"} for mode, s in summaries.items()}))
+            return
+        for mode, summary in summaries.items():
+            _print_summary(summary, out_dir / mode)
 
     _guard(go)
 

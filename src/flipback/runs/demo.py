@@ -1,5 +1,6 @@
 """`flipback demo`: Fashion-MNIST from Debian's package, a small CNN trained once and
-cached, and a report of its test-set errors."""
+cached, and reports of its test-set errors explained both ways: white-box (the model's
+gradients) and black-box (a surrogate trained from the model's answers alone)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,33 @@ from pathlib import Path
 
 from ..data import fashion_mnist_dir, load_dataset
 from ..errors import DataError
+from ..targets.surrogate import save_surrogate, train_surrogate
 from .explain_run import ExplainConfig, run_explain
+from .progress import progress_bar
 from .train import model_cache_dir, train_small_cnn
+
+SURROGATE_QUERIES = 5000
+
+
+def _surrogate(spec: str, train, path: Path, show_progress: bool, log) -> Path:
+    """The black-box half's surrogate, trained once from the target's answers and cached."""
+    from ..targets.blackbox import load_blackbox
+
+    if path.is_file():
+        log(f"using the cached surrogate {path}")
+        return path
+    log(f"training a surrogate from {SURROGATE_QUERIES} answers of the model (once; cached at {path})")
+    with load_blackbox(spec, train.num_classes, budget=SURROGATE_QUERIES) as target, \
+            progress_bar("training the surrogate", total=10, enabled=show_progress, unit="epoch") as advance:
+        surrogate = train_surrogate(target, train, SURROGATE_QUERIES, epochs=10, flip=False, target_spec=spec,
+                                    progress=lambda stage, k: advance(k) if stage == "train" else None)
+    return save_surrogate(surrogate, path)
 
 
 def run_demo(*, data: str | None, out_dir: Path, method: str = "minimal", limit: int | None = None,
-             show_progress: bool = True, log=print) -> dict:
+             show_progress: bool = True, log=print) -> dict[str, dict]:
+    """Returns {"white-box": summary, "black-box": summary}; run folders are OUT/white-box
+    and OUT/black-box."""
     root = Path(data) if data else fashion_mnist_dir()
     if root is None or not root.exists():
         raise DataError(
@@ -26,5 +48,13 @@ def run_demo(*, data: str | None, out_dir: Path, method: str = "minimal", limit:
     else:
         log(f"training small_cnn on {len(train)} images (once; cached at {weights})")
         train_small_cnn(train, weights, show_progress=show_progress)
-    cfg = ExplainConfig(model=f"small_cnn:{weights}", data=str(root), split="test", method=method, limit=limit)
-    return run_explain(cfg, out_dir, show_progress=show_progress, log=log)
+    spec = f"small_cnn:{weights}"
+    out_dir = Path(out_dir)
+    white = ExplainConfig(model=spec, data=str(root), split="test", method=method, limit=limit)
+    summaries = {"white-box": run_explain(white, out_dir / "white-box", show_progress=show_progress, log=log)}
+    surrogate = _surrogate(spec, train, weights.with_name(weights.stem + f"-surrogate{SURROGATE_QUERIES}.th"),
+                           show_progress, log)
+    black = ExplainConfig(model=spec, data=str(root), split="test", mode="black-box", method="fast",
+                          surrogate=str(surrogate), limit=limit)
+    summaries["black-box"] = run_explain(black, out_dir / "black-box", show_progress=show_progress, log=log)
+    return summaries
