@@ -61,7 +61,7 @@ class Correction:
 
 
 def _as_nchw(images) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))  # a writable copy
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
