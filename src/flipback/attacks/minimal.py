@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..targets.whitebox import WhiteBoxTarget, margin
-from .base import MIN_MARGIN, AttackResult, CorrectiveAttack, to_grid
+from .base import MIN_MARGIN, AttackResult, CorrectiveAttack
 from .fast import FastAttack
 from .projection import project_to_halfspace
 

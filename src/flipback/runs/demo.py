@@ -8,27 +8,23 @@ from pathlib import Path
 
 from ..data import fashion_mnist_dir, load_dataset
 from ..errors import DataError
-from ..targets.surrogate import save_surrogate, train_surrogate
 from .explain_run import ExplainConfig, run_explain
-from .progress import progress_bar
+from .surrogate_run import run_surrogate
 from .train import model_cache_dir, train_small_cnn
 
 SURROGATE_QUERIES = 5000
 
 
-def _surrogate(spec: str, train, path: Path, show_progress: bool, log) -> Path:
-    """The black-box half's surrogate, trained once from the target's answers and cached."""
-    from ..targets.blackbox import load_blackbox
-
+def _surrogate(spec: str, root: Path, path: Path, show_progress: bool, log) -> Path:
+    """The black-box half's surrogate, trained once from the target's answers and cached.
+    No flips: Fashion-MNIST's shoes all face one way."""
     if path.is_file():
         log(f"using the cached surrogate {path}")
         return path
     log(f"training a surrogate from {SURROGATE_QUERIES} answers of the model (once; cached at {path})")
-    with load_blackbox(spec, train.num_classes, budget=SURROGATE_QUERIES) as target, \
-            progress_bar("training the surrogate", total=10, enabled=show_progress, unit="epoch") as advance:
-        surrogate = train_surrogate(target, train, SURROGATE_QUERIES, epochs=10, flip=False, target_spec=spec,
-                                    progress=lambda stage, k: advance(k) if stage == "train" else None)
-    return save_surrogate(surrogate, path)
+    run_surrogate(target=spec, data=str(root), budget=SURROGATE_QUERIES, out=path, split="train", epochs=10,
+                  flip=False, show_progress=show_progress, log=log)
+    return path
 
 
 def run_demo(*, data: str | None, out_dir: Path, method: str = "minimal", limit: int | None = None,
@@ -52,7 +48,7 @@ def run_demo(*, data: str | None, out_dir: Path, method: str = "minimal", limit:
     out_dir = Path(out_dir)
     white = ExplainConfig(model=spec, data=str(root), split="test", method=method, limit=limit)
     summaries = {"white-box": run_explain(white, out_dir / "white-box", show_progress=show_progress, log=log)}
-    surrogate = _surrogate(spec, train, weights.with_name(weights.stem + f"-surrogate{SURROGATE_QUERIES}.th"),
+    surrogate = _surrogate(spec, root, weights.with_name(weights.stem + f"-surrogate{SURROGATE_QUERIES}.th"),
                            show_progress, log)
     black = ExplainConfig(model=spec, data=str(root), split="test", mode="black-box", method="fast",
                           surrogate=str(surrogate), limit=limit)

@@ -11,8 +11,8 @@ from .progress import progress_bar
 
 
 def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str = "train", output: str = "scores",
-                  epochs: int = 30, width: int = 16, seed: int = 0, mean=None, std=None, show_progress: bool = True,
-                  log=print) -> dict:
+                  epochs: int = 30, width: int = 16, seed: int = 0, flip: bool = True, mean=None, std=None,
+                  show_progress: bool = True, log=print) -> dict:
     from ..targets.blackbox import load_blackbox
 
     ds = load_dataset(data, split=split, progress=show_progress)
@@ -23,7 +23,8 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
         n = min(budget, len(ds))
         with progress_bar("querying the target", total=n, enabled=show_progress) as q_adv, \
                 progress_bar("training the surrogate", total=epochs, enabled=show_progress, unit="epoch") as t_adv:
-            surrogate = train_surrogate(bb, ds, budget, width=width, epochs=epochs, seed=seed, target_spec=target,
+            surrogate = train_surrogate(bb, ds, budget, width=width, epochs=epochs, seed=seed, flip=flip,
+                                        target_spec=target,
                                         progress=lambda stage, k: (q_adv if stage == "query" else t_adv)(k))
         surrogate.meta["queries"] = int(bb.queries)  # the accounting layer's exact count
     surrogate.meta["seconds"] = time.perf_counter() - t0
