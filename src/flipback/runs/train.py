@@ -1,4 +1,4 @@
-"""Training the demo's small CNN once, cached by the data set's fingerprint."""
+"""Training and fine-tuning zoo models, cached by the data set's fingerprint."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import Dataset
-from ..targets.zoo import ZOO
+from ..targets.zoo import ZOO, Normalized
 from .errors import to_tensor
 from .progress import progress_bar
 
@@ -20,32 +21,51 @@ def model_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "flipback") / "models"
 
 
-def train_small_cnn(ds: Dataset, out: Path, *, epochs: int = 3, batch_size: int = 128, seed: int = 0,
-                    show_progress: bool = True) -> Path:
-    """Train `small_cnn` on `ds` and save its weights (a plain state_dict) to `out`."""
+def fit(model: nn.Module, ds: Dataset, *, epochs: int, lr: float, optimizer: str = "adam", batch_size: int = 128,
+        seed: int = 0, flip: bool = False, description: str = "training", show_progress: bool = True) -> nn.Module:
+    """Cross-entropy training of `model` (which takes [0,1] pixels) on `ds`, with a one-cycle
+    learning rate peaking at `lr`. `flip` adds random horizontal flips (natural images only)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    entry = ZOO["small_cnn"]
-    net = entry.build(ds.num_classes)
-    mean = torch.tensor(entry.mean).view(1, -1, 1, 1)
-    std = torch.tensor(entry.std).view(1, -1, 1, 1)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * -(-len(ds) // batch_size))
-    net.train()
-    with progress_bar("training small_cnn", total=epochs * len(ds), enabled=show_progress) as advance:
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = (torch.optim.Adam(params, lr=lr / 3) if optimizer == "adam"
+           else torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * -(-len(ds) // batch_size))
+    model.train()
+    with progress_bar(description, total=epochs * len(ds), enabled=show_progress) as advance:
         for _ in range(epochs):
             order = rng.permutation(len(ds))
             for start in range(0, len(ds), batch_size):
                 idx = np.sort(order[start:start + batch_size])
-                x = (to_tensor(ds.images[idx]) - mean) / std
-                loss = F.cross_entropy(net(x), torch.from_numpy(ds.labels[idx]))
+                x = to_tensor(ds.images[idx])
+                if flip:
+                    mirror = torch.from_numpy(rng.random(len(idx)) < 0.5)
+                    x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+                loss = F.cross_entropy(model(x), torch.from_numpy(ds.labels[idx]))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 sched.step()
                 advance(len(idx))
+    return model.eval()
+
+
+def save_weights(net: nn.Module, out: Path, **meta) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    torch.save({"state_dict": net.state_dict(), "arch": "small_cnn", "classes": ds.classes}, tmp)
+    torch.save({"state_dict": net.state_dict(), **meta}, tmp)
     tmp.replace(out)  # atomic: a killed training never leaves a half-written model
     return out
+
+
+def train_small_cnn(ds: Dataset, out: Path, *, epochs: int = 3, batch_size: int = 128, seed: int = 0,
+                    show_progress: bool = True) -> Path:
+    """Train `small_cnn` on `ds` and save its weights (a plain state_dict) to `out`."""
+    torch.manual_seed(seed)
+    entry = ZOO["small_cnn"]
+    net = entry.build(ds.num_classes)
+    fit(Normalized(net, entry.mean, entry.std), ds, epochs=epochs, lr=3e-3, batch_size=batch_size, seed=seed,
+        description="training small_cnn", show_progress=show_progress)
+    return save_weights(net, out, arch="small_cnn", classes=ds.classes)
