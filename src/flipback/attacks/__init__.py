@@ -4,8 +4,9 @@ from .base import MIN_MARGIN, PIXELS, AttackResult, CorrectiveAttack, to_grid
 from .fast import FastAttack
 from .minimal import MinimalAttack
 from .paper import PaperAttack
+from .regions import RegionsAttack
 
-ATTACKS: dict[str, type[CorrectiveAttack]] = {a.name: a for a in (PaperAttack, FastAttack, MinimalAttack)}
+ATTACKS: dict[str, type[CorrectiveAttack]] = {a.name: a for a in (PaperAttack, FastAttack, MinimalAttack, RegionsAttack)}
 
 
 def make_attack(name: str, **options) -> CorrectiveAttack:
@@ -17,4 +18,4 @@ def make_attack(name: str, **options) -> CorrectiveAttack:
 
 
 __all__ = ["ATTACKS", "AttackResult", "CorrectiveAttack", "FastAttack", "MIN_MARGIN", "MinimalAttack",
-           "PIXELS", "PaperAttack", "make_attack", "to_grid"]
+           "PIXELS", "PaperAttack", "RegionsAttack", "make_attack", "to_grid"]

@@ -26,6 +26,10 @@ class AttackResult:
     success: torch.Tensor  # (N,) bool, verified by the target on exactly `corrected`
     queries: torch.Tensor  # (N,) int64, counted per the mission's definition
     logits: torch.Tensor  # (N, K) the target's answer on `corrected` (NaN where never queried)
+    # Region-level methods: (N, H, W) int, k for the k-th most contributing region, 0 elsewhere.
+    regions: torch.Tensor | None = None
+    # (N, H, W) float: each pixel's share of the margin the change gained (region methods).
+    importance: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.success)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from ..targets.surrogate import as_probabilities
-from ..targets.whitebox import WhiteBoxTarget, margin, neg_cross_entropy
+from ..targets.whitebox import WhiteBoxTarget, margin, neg_cross_entropy, smooth_margin
 from .base import AttackResult, CorrectiveAttack, to_grid
 from .projection import project_to_halfspace
+from .regions import RegionsAttack
 
 
 def _log_probabilities(scores: torch.Tensor) -> torch.Tensor:
@@ -140,4 +141,53 @@ class FastTransferAttack(TransferAttack):
             want[active] = torch.maximum(2 * want[active], reached + self.confidence) + gap
             active = active[~ok]
         return AttackResult(corrected, success, queries, logits)
-BLACK_BOX_ATTACKS = {a.name: a for a in (PaperTransferAttack, FastTransferAttack)}
+class RegionsTransferAttack(RegionsAttack):
+    """The `regions` method on a black-box target: the surrogate's gradients choose the regions
+    and the steps, for free; the target is asked only once the surrogate's margin reaches a
+    wanted value (`confidence` above its margin on the original), which doubles after each
+    refusal, or, where the bounded change stalls below that, before the next region joins if
+    the surrogate is then right and more so than at the last refusal. Pruning and shrinking
+    ask the target for every try."""
+
+    def __init__(self, surrogate, num_classes, *, confidence: float = 4.0, max_queries: int = 20,
+                 max_steps: int = 64, **options):
+        super().__init__(max_queries=max_queries, **options)
+        self.surrogate = WhiteBoxTarget(surrogate, num_classes)
+        self.confidence, self.max_steps = confidence, max_steps
+
+    def _ask(self, target, x, rows):
+        return TransferAttack._ask(self, target, x, self._ids[rows])
+
+    def _start_gradient(self, target, x, labels):
+        out, g = self.surrogate.gradient(x, labels, smooth_margin, counted=False)
+        self._want = margin(out, labels).clamp_min(0) + self.confidence
+        self._refused = torch.zeros(len(x))  # the surrogate's margin at the last refusal
+        self._since = torch.zeros(len(x), dtype=torch.long)
+        return g
+
+    def _iterations(self) -> int:
+        return self.max_steps
+
+    def _probe(self, target, x, labels, rows):
+        out, g = self.surrogate.gradient(x, labels, smooth_margin, counted=False)
+        m = margin(out, labels)
+        self._since[rows] += 1
+        stalled = (self._since[rows] % self.steps_per_region == 0) & (m > self._refused[rows] + 1)
+        ask = ((m >= self._want[rows]) | stalled) & \
+            (self._queries[rows] < self.max_queries - self.prune_steps - self.shrink_steps)
+        ok = torch.zeros(len(x), dtype=torch.bool)
+        scores = torch.full((len(x), self.surrogate.num_classes), float("nan"))
+        if bool(ask.any()):
+            answered, scores[ask] = self._ask(target, x[ask], rows[ask])
+            ok[ask] = answered == labels[ask]
+            refused = rows[ask][~ok[ask]]
+            self._want[refused] = torch.maximum(2 * self._want[refused], m[ask][~ok[ask]] + self.confidence)
+            self._refused[refused] = m[ask][~ok[ask]]
+        return ok, scores, g, ask
+
+    def _check(self, target, x, labels, rows):
+        answered, scores = self._ask(target, x, rows)
+        return answered == labels, scores
+
+
+BLACK_BOX_ATTACKS = {a.name: a for a in (PaperTransferAttack, FastTransferAttack, RegionsTransferAttack)}

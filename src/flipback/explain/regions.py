@@ -188,6 +188,28 @@ def _regions_for_image(
     return regions, region_map
 
 
+def ranked_regions(ranks: np.ndarray, gain: np.ndarray) -> tuple[list[Region], np.ndarray]:
+    """Regions chosen by a region method: ``ranks`` (H, W) holds k for its k-th region, 0
+    elsewhere; ``gain`` (H, W) is each pixel's share of the margin gained. A region's
+    ``share`` is its part of the total positive gain, its centroid weighted by that gain."""
+    gain = np.clip(gain.astype(np.float64), 0, None)
+    total = float(gain[ranks > 0].sum())
+    ys, xs = np.mgrid[0:ranks.shape[0], 0:ranks.shape[1]]
+    regions = []
+    for k in range(1, int(ranks.max(initial=0)) + 1):
+        inside = ranks == k
+        if not inside.any():
+            continue
+        w = gain[inside]
+        wsum = float(w.sum())
+        cy, cx = ((float((ys[inside] * w).sum() / wsum), float((xs[inside] * w).sum() / wsum)) if wsum > 0
+                  else (float(ys[inside].mean()), float(xs[inside].mean())))
+        rows, cols = np.nonzero(inside)
+        regions.append(Region(id=k, bbox=(int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1),
+                              area=int(inside.sum()), share=wsum / total if total > 0 else 0.0, centroid=(cy, cx)))
+    return regions, ranks.astype(np.int32)
+
+
 def explain_changes(
     originals,
     corrected,
@@ -195,13 +217,16 @@ def explain_changes(
     sigma: float = 1.0,
     max_regions: int = 5,
     mass: float = DEFAULT_MASS,
+    region_ranks=None,
+    region_gain=None,
 ) -> list[Explanation]:
     """Explain a batch of corrective changes.
 
     ``originals`` and ``corrected``: float arrays in [0, 1], shape (N, H, W, C), C in {1, 3}.
     Norms, magnitudes and heatmaps are computed for the whole batch at once; only the
     connected-component step loops over images. See the module docstring for the
-    definitions and the region threshold (``mass``).
+    definitions and the region threshold (``mass``). A region method passes its own
+    ``region_ranks`` and ``region_gain`` (N, H, W), which then replace the thresholded regions.
     """
     x = _as_batch("originals", originals)
     xc = _as_batch("corrected", corrected)
@@ -228,7 +253,10 @@ def explain_changes(
 
     out: list[Explanation] = []
     for i in range(n):
-        regions, region_map = _regions_for_image(heat[i], mag[i], max_regions=max_regions, mass=mass)
+        if region_ranks is not None:
+            regions, region_map = ranked_regions(np.asarray(region_ranks[i]), np.asarray(region_gain[i]))
+        else:
+            regions, region_map = _regions_for_image(heat[i], mag[i], max_regions=max_regions, mass=mass)
         out.append(
             Explanation(
                 delta=delta[i],

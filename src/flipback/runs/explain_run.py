@@ -106,6 +106,7 @@ def _records(ds: Dataset, idx: np.ndarray, result: AttackResult, before: torch.T
             "pred_after_name": ds.classes[pa],
             "success": ok, "queries": int(result.queries[j]),
             **{k: e.to_dict()[k] for k in ("l2", "linf", "l0", "frac_changed", "regions")},
+            "n_regions": len(e.regions), "region_fraction": float(sum(r.area for r in e.regions)) / e.heatmap.size,
             "scores_before": prob_before[j], "scores_after": prob_after[j],
             "figure": figure_paths[j], "corrected_image": image_paths[j], "error": None,
         })
@@ -183,6 +184,8 @@ def summarize(cfg: ExplainConfig, ds: Dataset, preds: Predictions, records: list
         "median_l2": stat(np.median, "l2", ok), "mean_l2": stat(np.mean, "l2", ok),
         "median_linf": stat(np.median, "linf", ok), "mean_linf": stat(np.mean, "linf", ok),
         "median_l0": stat(np.median, "l0", ok), "mean_frac_changed": stat(np.mean, "frac_changed", ok),
+        "median_regions": stat(np.median, "n_regions", [r for r in ok if "n_regions" in r]),
+        "median_region_fraction": stat(np.median, "region_fraction", [r for r in ok if "region_fraction" in r]),
         "n_failed_with_error": sum(1 for r in records if r.get("error")),
         "seconds": seconds, "images_per_second": len(records) / seconds if seconds > 0 else None,
         "classes": ds.classes, "confusion": preds.confusion(ds.num_classes).tolist(),
@@ -218,7 +221,9 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
                 seconds = time.perf_counter() - t0
                 originals = x.permute(0, 2, 3, 1).numpy()
                 corrected = result.corrected.permute(0, 2, 3, 1).numpy()
-                explanations = explain_changes(originals, corrected)
+                ranks = None if result.regions is None else result.regions.numpy()
+                gain = None if result.importance is None else result.importance.numpy()
+                explanations = explain_changes(originals, corrected, region_ranks=ranks, region_gain=gain)
                 fig_paths, img_paths = _save_images(run_dir, ds, idx, originals, corrected, explanations,
                                                     before, result, cfg)
                 records = _records(ds, idx, result, before, explanations, fig_paths, img_paths)

@@ -1,0 +1,56 @@
+"""Splitting images into regions: the search space of the `regions` method.
+
+- "slic": SLIC superpixels (scikit-image), which follow edges, so a region is a part of
+  the object or of the background rather than an arbitrary square. scikit-image has no
+  batched SLIC; it costs about a millisecond per small image, next to tens of model passes.
+- "grid": square cells, fully batched; the choice when a region should not depend on the
+  image's content.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SEGMENTATIONS = ("slic", "grid")
+
+
+def default_segments(h: int, w: int) -> int:
+    """About one region per 4x4 pixels: 64 on 32x32, 49 on 28x28."""
+    return max(4, (h * w) // 16)
+
+
+def grid_segments(n: int, h: int, w: int, n_segments: int) -> torch.Tensor:
+    side = max(1, round((h * w / n_segments) ** 0.5))
+    rows = torch.arange(h) // side
+    cols = torch.arange(w) // side
+    per_row = int(cols.max()) + 1
+    return (rows[:, None] * per_row + cols[None, :]).expand(n, h, w).clone()
+
+
+def slic_segments(images: torch.Tensor, n_segments: int, compactness: float) -> torch.Tensor:
+    from skimage.segmentation import slic
+
+    arr = images.permute(0, 2, 3, 1).double().numpy()
+    gray = arr.shape[-1] == 1
+    out = np.stack([
+        slic(a[..., 0] if gray else a, n_segments=n_segments, compactness=compactness, start_label=0,
+             channel_axis=None if gray else -1, convert2lab=False)
+        for a in arr
+    ])
+    return torch.from_numpy(out.astype(np.int64))
+
+
+def segment(images: torch.Tensor, method: str = "slic", n_segments: int | None = None,
+            compactness: float = 0.1) -> torch.Tensor:
+    """(N,C,H,W) in [0,1] -> (N,H,W) int64 region ids, 0..S-1 per image.
+
+    SLIC runs on [0,1] values (no Lab conversion), where a compactness of about 0.1 weighs
+    colour and distance evenly."""
+    if method not in SEGMENTATIONS:
+        raise ValueError(f"segmentation must be one of {SEGMENTATIONS}, got {method!r}")
+    n, _, h, w = images.shape
+    k = n_segments or default_segments(h, w)
+    if method == "grid":
+        return grid_segments(n, h, w, k)
+    return slic_segments(images, k, compactness)

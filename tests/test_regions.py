@@ -1,0 +1,136 @@
+"""The `regions` method on tiny linear models whose needed regions are known exactly."""
+
+import numpy as np
+import pytest
+import torch
+
+from flipback.attacks import RegionsAttack
+from flipback.attacks.regions import rank_map, ranked_map, region_onehot
+from flipback.attacks.segments import grid_segments, segment
+from flipback.attacks.transfer import RegionsTransferAttack
+from flipback.explain import explain_changes
+from flipback.targets.blackbox import from_module
+from flipback.targets.whitebox import WhiteBoxTarget
+
+H = W = 16  # a 4x4 grid of 4x4 cells
+
+
+class Patches(torch.nn.Module):
+    """Two classes. logit1 - logit0 = sum over each patch (a 4x4 grid cell) of weight * pixels,
+    minus a bias: the decision depends on those cells only."""
+
+    def __init__(self, cells: dict[tuple[int, int], float], bias: float):
+        super().__init__()
+        w = torch.zeros(1, H, W)
+        for (r, c), weight in cells.items():
+            w[0, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = weight
+        self.register_buffer("w", w)
+        self.bias = bias
+
+    def forward(self, x):
+        s = (x * self.w).flatten(1).sum(1) - self.bias
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+def grey(n=3):
+    return torch.full((n, 1, H, W), 128 / 255), torch.ones(n, dtype=torch.long)
+
+
+def attack(**kw):
+    return RegionsAttack(segmentation="grid", n_segments=16, **kw)
+
+
+def test_one_cause_one_region():
+    # Only cell (1, 2) matters; a change of 0.5 on its 16 pixels raises the margin by 8.
+    x, y = grey()
+    model = Patches({(1, 2): 1.0}, bias=16 * 128 / 255 + 4)  # margin -4 at the start
+    target = WhiteBoxTarget(model, 2)
+    r = attack().run(target, x, y)
+    assert r.success.all()
+    cell = torch.zeros(H, W, dtype=torch.bool)
+    cell[4:8, 8:12] = True
+    for ranks in r.regions:
+        assert torch.equal(ranks > 0, cell)  # exactly that cell, and nothing else
+    # Verified on the 8-bit grid by the model itself.
+    assert torch.equal(r.corrected, torch.round(r.corrected * 255) / 255)
+    assert (target.predict(r.corrected, counted=False).argmax(1) == 1).all()
+    assert target.queries == int(r.queries.sum())
+
+
+def test_two_causes_are_both_needed_and_ranked_by_contribution():
+    # Each cell alone can add at most 16 * 0.5 * weight; the deficit needs both.
+    x, y = grey()
+    model = Patches({(0, 0): 1.0, (3, 3): 2.0, (2, 1): 0.01}, bias=(16 * 3.01) * 128 / 255 + 18)
+    r = attack(shrink_steps=0).run(WhiteBoxTarget(model, 2), x, y)
+    assert r.success.all()
+    for ranks in r.regions:
+        assert set(ranks.unique().tolist()) == {0, 1, 2}
+        assert (ranks[12:, 12:] == 1).all()  # the heavier cell first
+        assert (ranks[:4, :4] == 2).all()
+        assert (ranks[8:12, 4:8] == 0).all()  # the nearly irrelevant cell is not needed
+
+
+def test_pruning_takes_back_a_region_that_is_not_needed():
+    # The first step on two cells overshoots; the weaker one is not needed and is dropped.
+    x, y = grey(1)
+    model = Patches({(0, 0): 1.0, (3, 3): 1.2}, bias=(16 * 2.2) * 128 / 255 + 5)
+    r = attack(steps_per_region=1).run(WhiteBoxTarget(model, 2), x, y)
+    assert r.success.all()
+    assert int(r.regions.max()) == 1 and (r.regions[0, 12:, 12:] == 1).all()
+
+
+def test_budget_is_never_exceeded_and_failures_are_reported():
+    x, y = grey(2)
+    model = Patches({(0, 0): 1.0}, bias=1e6)  # impossible
+    target = WhiteBoxTarget(model, 2)
+    r = attack(max_queries=9).run(target, x, y)
+    assert not r.success.any()
+    assert (r.queries <= 9).all() and target.queries == int(r.queries.sum())
+
+
+@pytest.mark.parametrize("output", ["scores", "label"])
+def test_black_box_asks_the_target_only_when_the_surrogate_is_confident(output):
+    x, y = grey()
+    model = Patches({(1, 2): 1.0}, bias=16 * 128 / 255 + 4)
+    target = from_module(model, 2, output=output)
+    r = RegionsTransferAttack(model, 2, segmentation="grid", n_segments=16, shrink_steps=0).run(
+        target, x, y, torch.arange(3))
+    assert r.success.all()
+    assert r.queries.tolist() == [1, 1, 1]  # an exact surrogate: the first candidate is right
+    assert target.queries == 3
+    assert (r.regions[:, 4:8, 8:12] == 1).all() and int(r.regions.max()) == 1
+
+
+def test_rank_map_and_ranked_map():
+    seg = grid_segments(1, 4, 4, 4)  # four 2x2 cells
+    onehot = region_onehot(seg)
+    selected = torch.tensor([[True, False, True, True]])
+    contribution = torch.tensor([[1.0, 9.0, 3.0, 2.0]])
+    ranks = rank_map(onehot, selected, contribution, (1, 1, 4, 4))
+    assert ranks[0].tolist() == [[3, 3, 0, 0], [3, 3, 0, 0], [1, 1, 2, 2], [1, 1, 2, 2]]
+    gain = torch.arange(16.0).view(1, 4, 4)
+    m = ranked_map(ranks, gain)
+    order = m.flatten().argsort(descending=True)[:4]
+    assert set(order.tolist()) == {8, 9, 12, 13}  # the whole top region first
+    assert (m[ranks == 0] == 0).all()
+
+
+def test_explanation_uses_the_method_regions():
+    x, y = grey(1)
+    model = Patches({(1, 2): 1.0}, bias=16 * 128 / 255 + 4)
+    r = attack().run(WhiteBoxTarget(model, 2), x, y)
+    e = explain_changes(x.permute(0, 2, 3, 1).numpy(), r.corrected.permute(0, 2, 3, 1).numpy(),
+                        region_ranks=r.regions.numpy(), region_gain=r.importance.numpy())[0]
+    assert len(e.regions) == 1
+    assert e.regions[0].bbox == (4, 8, 8, 12) and e.regions[0].area == 16
+    assert e.regions[0].share == pytest.approx(1.0)
+
+
+def test_slic_segments_follow_edges():
+    # Two flat halves: no superpixel straddles the edge.
+    img = torch.zeros(1, 3, 16, 16)
+    img[:, :, :, 8:] = 1.0
+    seg = segment(img, "slic", n_segments=8)[0].numpy()
+    for label in np.unique(seg):
+        cols = np.nonzero(seg == label)[1]
+        assert cols.max() < 8 or cols.min() >= 8
