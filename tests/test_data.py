@@ -52,7 +52,7 @@ def folder(tmp_path):
             name = f"{cls}/{i:02d}.png"
             pixels[name] = save(root / name, rgb())
     save(root / "cat" / "sub" / "x.JPG", rgb())  # nested, upper-case extension
-    (root / "cat" / "notes.txt").write_text("not an image")  # ignored, not skipped
+    (root / "cat" / "notes.txt").write_text("not an image")  # not loaded; recorded as left out
     return root, pixels
 
 
@@ -64,7 +64,8 @@ def test_imagefolder_classes_labels_pixels(folder):
                         "dog/00.png", "dog/01.png"]
     assert ds.labels.dtype == np.int64 and ds.labels.tolist() == [0, 0, 1, 1, 1, 2, 2]
     assert ds.shape == (6, 8, 3) and len(ds) == 7 and ds.num_classes == 3
-    assert ds.images.dtype == np.uint8 and ds.skipped == []
+    assert ds.images.dtype == np.uint8
+    assert ds.skipped == [SkippedItem("cat/notes.txt", "not an image file: extension '.txt'")]
     for i, name in enumerate(ds.names):
         if name.endswith(".png"):
             np.testing.assert_array_equal(ds.images[i], pixels[name])
@@ -83,8 +84,8 @@ def test_bad_files_are_skipped_with_reasons(folder):
     ds = load_dataset(root)
     reasons = {s.name: s.reason for s in ds.skipped}
     assert set(reasons) == {"bird/big.png", "bird/corrupt.png", "cat/truncated.png", "dog/empty.png",
-                            "dog/text.jpg"}
-    assert reasons["bird/big.png"] == "wrong size 32x24, expected 8x6"
+                            "dog/text.jpg", "cat/notes.txt"}
+    assert reasons["bird/big.png"] == "wrong size: 32x24, expected 8x6 (or pass a size to resize)"
     assert reasons["dog/empty.png"] == "empty file"
     for name in ("bird/corrupt.png", "cat/truncated.png", "dog/text.jpg"):
         assert reasons[name].startswith("cannot decode image: "), reasons[name]
@@ -99,7 +100,7 @@ def test_size_resizes_instead_of_skipping(folder):
     root, _ = folder
     save(root / "bird" / "big.png", rgb(24, 32))
     ds = load_dataset(root, size=(4, 3))
-    assert ds.shape == (3, 4, 3) and len(ds) == 8 and ds.skipped == []
+    assert ds.shape == (3, 4, 3) and len(ds) == 8 and [s.name for s in ds.skipped] == ["cat/notes.txt"]
 
 
 def test_grayscale_folder_has_one_channel(tmp_path):
@@ -107,9 +108,14 @@ def test_grayscale_folder_has_one_channel(tmp_path):
         save(tmp_path / "g" / cls / "1.png", RNG.integers(0, 256, (5, 5), dtype=np.uint8))
     ds = load_dataset(tmp_path / "g")
     assert ds.shape == (5, 5, 1)
-    # One colour image makes the whole folder RGB.
+    # A colour image among gray ones is skipped (a gray one in RGB would be kept); on a tie, colour wins.
     save(tmp_path / "g" / "a" / "2.png", rgb(5, 5))
-    assert load_dataset(tmp_path / "g").shape == (5, 5, 3)
+    ds = load_dataset(tmp_path / "g")
+    assert ds.shape == (5, 5, 1) and [s.reason for s in ds.skipped] == [
+        "wrong channels: a colour image in a grayscale data set"]
+    save(tmp_path / "g" / "b" / "2.png", rgb(5, 5))
+    ds = load_dataset(tmp_path / "g")
+    assert ds.shape == (5, 5, 3) and len(ds) == 4 and ds.skipped == []
 
 
 def test_split_parent_folder(tmp_path):
@@ -137,10 +143,9 @@ def test_npz_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [
-    dict(labels=np.array([0, 1, 5, 0, 0]), classes=np.array(["a", "b"])),  # label out of range
-    dict(labels=np.array([0, -1, 0, 0, 0])),
+    # (A label out of range or missing costs only its image: see tests/test_bad_input.py.)
     dict(labels=np.array([0, 1])),  # count mismatch
-    dict(images=np.full((5, 4, 4), 2.0), labels=np.zeros(5, int)),  # float outside [0, 1]
+    dict(images=np.full((5, 4, 4), 2.0), labels=np.zeros(5, int)),  # every image: float outside [0, 1]
     dict(labels=np.zeros(5, int), classes=np.array(["a", None], dtype=object)),  # needs pickle
     dict(nolabels=np.zeros(5)),
 ])

@@ -18,7 +18,7 @@ import numpy as np
 from flipback.data.dataset import SkippedItem
 from flipback.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: channels by majority, 16-bit and animated images skipped
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None) -> Path:

@@ -13,6 +13,7 @@ import numpy as np
 
 from flipback.data import fingerprint
 from flipback.data.dataset import Dataset
+from flipback.data.labels import drop, label_problems
 from flipback.errors import DataError
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -96,11 +97,18 @@ def load_idx(images_path: Path) -> Dataset:
     fashion = "fashion" in (images_path.name + "/" + images_path.parent.name).lower()
     classes = FASHION_MNIST_CLASSES if fashion else DIGIT_CLASSES
     split = "test" if images_path.name.lower().startswith("t10k") else "train"
+    labels = labels.astype(np.int64)
+    names = [f"{split}/{i:06d}" for i in range(len(images))]
+    keep, skipped = drop(label_problems(labels, np.zeros(len(labels), bool), len(classes)), len(images), names,
+                         f" in {images_path.name}")
+    if len(keep) < len(images):  # labels outside the class list: those images are skipped
+        images, labels, names = images[keep], labels[keep], [names[i] for i in keep]
     return Dataset(
         images[..., None],
-        labels.astype(np.int64),
+        labels,
         classes,
-        [f"{split}/{i:06d}" for i in range(len(images))],
+        names,
+        skipped=skipped,
         source=str(images_path),
         fingerprint=fingerprint.digest(h),
     )

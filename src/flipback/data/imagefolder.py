@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +24,10 @@ from flipback.data.dataset import Dataset, SkippedItem
 from flipback.data.progress import progress_bar
 from flipback.errors import DataError
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+GRAY_MODES = {"1", "L", "LA", "La"}
+# More than 8 bits per value: converting would clip or rescale silently, so these are skipped.
+DEEP_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 CHUNK = 1024
 
 
@@ -42,24 +45,63 @@ def find_classes(root: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def list_files(root: Path, classes: list[str], base: Path) -> list[_File]:
+def _rel(path: Path, base: Path) -> str:
+    """The name shown for a file. Bytes that are not UTF-8 show as U+FFFD, so that every name
+    can be written to JSON, HTML and the terminal (the file itself is opened by its path)."""
+    name = path.relative_to(base).as_posix()
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def list_files(root: Path, classes: list[str], base: Path) -> tuple[list[_File], list[SkippedItem]]:
+    """The image files of each class, and every other entry met, with the reason it is left out:
+    hidden, not an image, not a regular file, outside the class folders, or a folder reached a
+    second time through a symbolic link (a loop, or the same images under two labels)."""
     files: list[_File] = []
+    left_out: list[SkippedItem] = []
+    seen_dirs: set[tuple[int, int]] = set()
+    for e in sorted(os.scandir(root), key=lambda e: e.name):
+        name, is_dir = _rel(Path(e.path), base), e.is_dir()
+        if e.name.startswith("."):
+            left_out.append(SkippedItem(name + "/" if is_dir else name, "hidden folder" if is_dir else "hidden file"))
+        elif not is_dir:
+            left_out.append(SkippedItem(name, "not in a class folder: images go in <class>/"))
     for label, cls in enumerate(classes):
         found = []
         for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            here = Path(dirpath)
+            st = os.stat(here)
+            if (st.st_dev, st.st_ino) in seen_dirs:  # never walk a folder twice
+                left_out.append(SkippedItem(_rel(here, base) + "/", "folder already read: a symbolic link "
+                                            "leads back to it"))
+                dirnames[:] = []
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            for d in sorted(d for d in dirnames if d.startswith(".")):
+                left_out.append(SkippedItem(_rel(here / d, base) + "/", "hidden folder"))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fn in filenames:
-                if fn.startswith(".") or os.path.splitext(fn)[1].lower() not in IMAGE_EXTS:
+                p = here / fn
+                name = _rel(p, base)
+                ext = os.path.splitext(fn)[1].lower()
+                if fn.startswith("."):
+                    left_out.append(SkippedItem(name, "hidden file"))
                     continue
-                p = Path(dirpath, fn)
+                if ext not in IMAGE_EXTS:
+                    left_out.append(SkippedItem(name, f"not an image file: extension '{ext}'"))
+                    continue
                 try:
                     st = p.stat()
                     size, mtime = st.st_size, st.st_mtime_ns
-                except OSError:  # broken symlink: reported as skipped by the probe
+                    if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+                        left_out.append(SkippedItem(name, "not a regular file"))
+                        continue
+                except OSError:  # broken symlink or a loop of them: reported as skipped by the probe
                     size, mtime = -1, 0
-                found.append(_File(p.relative_to(base).as_posix(), p, label, size, mtime))
+                found.append(_File(name, p, label, size, mtime))
+        if not found:
+            left_out.append(SkippedItem(f"{cls}/", "empty class folder: kept as a class, with no images"))
         files.extend(sorted(found, key=lambda f: f.name))
-    return files
+    return files, left_out
 
 
 def _open_error(e: Exception) -> str:
@@ -76,6 +118,10 @@ def _probe(f: _File) -> tuple[tuple[int, int], bool] | str:
         return "empty file"
     try:
         with Image.open(f.path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                return f"animated image: {im.n_frames} frames"
+            if im.mode in DEEP_MODES:
+                return f"unsupported mode: {im.mode} has more than 8 bits per value; save it as 8-bit"
             return im.size, im.mode in GRAY_MODES
     except Exception as e:  # any decoder failure is a per-file problem, never fatal
         return _open_error(e)
@@ -88,6 +134,12 @@ def _decode_one(path: Path, size: tuple[int, int], mode: str) -> np.ndarray | st
             im.load()  # forces the whole decode, so truncation surfaces here
             if im.mode == "P":
                 im = im.convert("RGBA")  # palette transparency must go through RGBA
+            if mode == "L" and im.mode not in GRAY_MODES:
+                # A colour image in a grayscale data set: kept only if it holds no colour.
+                arr = np.asarray(im.convert("RGB"))
+                if not ((arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()):
+                    return "wrong channels: a colour image in a grayscale data set"
+                im = Image.fromarray(arr[..., 0])
             if im.mode != mode:
                 im = im.convert(mode)
             if im.size != size:
@@ -120,17 +172,19 @@ def load_image_folder(root: Path, *, cache_dir=None, workers: int | None = None,
             f"no class sub-folders in {root}" + (" (the images are directly in it)" if has_images else ""),
             hint=f"put the images in one folder per class: {root}/<class>/<image>.png",
         )
-    files = list_files(root, classes, base)
+    files, left_out = list_files(root, classes, base)
     if not files:
         raise DataError(f"no images in {root}",
-                        hint=f"expected {root}/<class>/*.png (or .jpg, .jpeg, .bmp, .webp)")
+                        hint=f"expected {root}/<class>/*.png (or .jpg, .jpeg, .bmp, .webp, .gif, .tif)")
     fp = _folder_fingerprint(root, classes, files, size)
     cache_root = cache.resolve_cache_dir(cache_dir)
     hit = cache.read_entry(cache_root, fp)
     if hit is None:
         hit = _build(root, classes, files, fp, cache_root, workers, progress, size)
+    # Entries that are not image files are listed afresh on every load, so they need no cache.
+    skipped = sorted(left_out + hit["skipped"], key=lambda s: s.name)
     return Dataset(hit["images"], hit["labels"], hit["classes"], hit["names"],
-                   skipped=hit["skipped"], source=str(base), fingerprint=fp)
+                   skipped=skipped, source=str(base), fingerprint=fp)
 
 
 def _build(root, classes, files, fp, cache_root, workers, progress, size) -> dict:
@@ -186,10 +240,12 @@ def _decode_all(root, files, size, staging, pool, bar):
         for i in ok:
             (w, h), _ = probes[i]
             if (w, h) != target:
-                reasons[i] = f"wrong size {w}x{h}, expected {w0}x{h0}"
+                reasons[i] = f"wrong size: {w}x{h}, expected {w0}x{h0} (or pass a size to resize)"
         ok = [i for i in ok if i not in reasons]
-    # Grayscale only if every image is: converting colour to gray would lose information.
-    mode = "L" if all(probes[i][1] for i in ok) else "RGB"
+    # The channels most images have (colour on a tie). Gray images join a colour set (exactly);
+    # colour images in a gray set are kept only if they hold no colour (see _decode_one).
+    gray = sum(1 for i in ok if probes[i][1])
+    mode = "L" if gray > len(ok) - gray else "RGB"
     channels = 1 if mode == "L" else 3
     w0, h0 = target
 

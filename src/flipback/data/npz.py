@@ -9,22 +9,19 @@ import numpy as np
 
 from flipback.data import fingerprint
 from flipback.data.dataset import Dataset
+from flipback.data.labels import drop, integer_labels, label_problems, pixel_problems
 from flipback.errors import DataError
 
 _HINT = "save it with np.savez(path, images=uint8 (N,H,W[,C]), labels=int (N,), classes=np.array([...str]))"
 
 
 def _to_uint8(images: np.ndarray, path: Path) -> np.ndarray:
+    """Valid pixels (see labels.pixel_problems) as uint8."""
     if images.dtype == np.uint8:
         return images
     if np.issubdtype(images.dtype, np.floating):
-        if images.size and (not np.isfinite(images).all() or images.min() < 0 or images.max() > 1):
-            raise DataError(f"float images in {path} must lie in [0, 1]; found "
-                            f"{np.nanmin(images):.3g}..{np.nanmax(images):.3g}", hint=_HINT)
         return np.rint(images * 255.0).astype(np.uint8)
     if np.issubdtype(images.dtype, np.integer):
-        if images.size and (images.min() < 0 or images.max() > 255):
-            raise DataError(f"integer images in {path} must lie in 0..255", hint=_HINT)
         return images.astype(np.uint8)
     raise DataError(f"images in {path} have unsupported dtype {images.dtype}", hint=_HINT)
 
@@ -52,26 +49,31 @@ def load_npz(path: Path, split: str) -> Dataset:
                         hint=_HINT)
     if len(images) == 0:
         raise DataError(f"{path} holds no images")
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"labels in {path} must be 1-D integers; got {labels.dtype} {labels.shape}", hint=_HINT)
+    if not (np.issubdtype(images.dtype, np.number) and images.dtype.kind in "uif"):
+        raise DataError(f"images in {path} have unsupported dtype {images.dtype}", hint=_HINT)
+    if labels.ndim != 1:
+        raise DataError(f"labels in {path} must be 1-D; got shape {labels.shape}", hint=_HINT)
     if len(labels) != len(images):
         raise DataError(f"{len(images)} images but {len(labels)} labels in {path}", hint=_HINT)
-    if labels.min() < 0:
-        raise DataError(f"labels in {path} must be >= 0; found {labels.min()}")
-    if classes is None:
-        classes = [str(i) for i in range(int(labels.max()) + 1)]
-    else:
+    labels, missing = integer_labels(labels, f" in {path}")
+    if classes is not None:
         if classes.ndim != 1 or classes.dtype.kind not in "US":
             raise DataError(f"classes in {path} must be a 1-D array of strings", hint=_HINT)
         classes = [c.decode() if isinstance(c, bytes) else str(c) for c in classes.tolist()]
-        if labels.max() >= len(classes):
-            raise DataError(f"labels in {path} go up to {labels.max()} but only {len(classes)} classes are listed",
-                            hint="list every class in `classes`, in the model's order")
+    names = [f"{split}/{i:06d}" for i in range(len(images))]
+    # One bad image or label costs only itself: it is skipped with its reason.
+    problems = {**pixel_problems(images), **label_problems(labels, missing, None if classes is None else len(classes))}
+    keep, skipped = drop(problems, len(images), names, f" in {path}")
+    if len(keep) < len(images):
+        images, labels, names = images[keep], labels[keep], [names[i] for i in keep]
+    if classes is None:
+        classes = [str(i) for i in range(int(labels.max()) + 1)]
     return Dataset(
         np.ascontiguousarray(_to_uint8(images, path)),
-        labels.astype(np.int64),
+        labels,
         classes,
-        [f"{split}/{i:06d}" for i in range(len(images))],
+        names,
+        skipped=skipped,
         source=str(path),
         fingerprint=fingerprint.of_files([path], extra="npz"),
     )
