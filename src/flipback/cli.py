@@ -84,6 +84,10 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
         v = summary.get(key)
         t.add_row(key, f"{v:.4g}" if isinstance(v, float) else str(v))
     out.print(t)
+    from .runs.explain_run import problem_lines
+
+    for line in problem_lines(summary):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
     out.print(f"report: {(run_dir / 'index.html').resolve()}", markup=False, highlight=False)
 
 
@@ -141,6 +145,8 @@ def explain(
     trust_model: bool = typer.Option(False, help="Allow unpickling a full model file (can run code)."),
     surrogate: Optional[str] = typer.Option(None, help="black-box: surrogate file from `flipback surrogate`."),
     output: Output = typer.Option(Output.scores, help="black-box: the target returns scores, or only a label."),
+    timeout: float = typer.Option(10.0, min=0.1, help="black-box: seconds to wait for one answer."),
+    retries: int = typer.Option(3, min=0, help="black-box: retries of a failed call (5xx, 429, timeout, dropped connection)."),
 ):
     """Find the target's errors and explain each with a verified corrective change."""
     from .runs.explain_run import ExplainConfig, run_explain
@@ -149,7 +155,8 @@ def explain(
         cfg = ExplainConfig(model=model, data=data, mode=mode.value, method=method, pixels=pixels.value,
                             budget=budget, split=split, limit=limit, mean=_floats(mean), std=_floats(std),
                             seed=seed, trust_model=trust_model, figures=figures, batch_size=batch_size,
-                            options=_step_option(method, step), surrogate=surrogate, output=output.value)
+                            options=_step_option(method, step), surrogate=surrogate, output=output.value,
+                            timeout=timeout, retries=retries)
         summary = run_explain(cfg, out_dir, show_progress=not _state["quiet"], resume=resume, log=_log)
         _print_summary(summary, out_dir)
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..attacks import AttackResult
 from ..data import Dataset, load_dataset
-from ..errors import FlipbackError, ModelError
+from ..errors import FlipbackError, ModelError, RunError
 from ..explain import explain_changes, save_figure
 from ..report import write_report
 from ..store import RunStore
@@ -58,6 +58,8 @@ class ExplainConfig:
     surrogate: str | None = None  # black-box mode: the surrogate file
     output: str = "scores"  # black-box mode: the target returns "scores" or only a top-1 "label"
     options: dict = field(default_factory=dict)  # extra attack options, e.g. {"step": 2/255}
+    timeout: float = 10.0  # black-box: seconds to wait for one answer
+    retries: int = 3  # black-box: retries of a failed call (5xx, 429, timeout, dropped connection)
 
     def identity(self, data_fingerprint: str, model_fingerprint: str) -> dict:
         """What must match for a run folder to be resumed."""
@@ -137,28 +139,81 @@ def _save_images(run_dir: Path, ds: Dataset, idx, originals, corrected, explanat
     return figure_paths, image_paths
 
 
+def _failed(x: torch.Tensor, num_classes: int) -> AttackResult:
+    """The result of an image whose attack raised: unchanged, not corrected, no answer."""
+    return AttackResult(x.clone(), torch.zeros(len(x), dtype=torch.bool), torch.zeros(len(x), dtype=torch.long),
+                        torch.full((len(x), num_classes), float("nan")))
+
+
+def _stops_run(exc: Exception) -> bool:
+    """A spent total budget or an unusable model stops the run; a spent per-image budget is
+    that image's failure."""
+    if isinstance(exc, BudgetExceededError):
+        return exc.kind != "per_image"
+    return isinstance(exc, ModelError)
+
+
 def _attack_batch(session: Session, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray):
     """Attack a batch; if it breaks, retry image by image so one bad image costs only itself.
-    Whole-run problems (a spent total budget, a model that cannot be used) stop the run."""
+
+    Returns (result, errors, retry): errors[k] is why image k failed (None if it did not raise),
+    retry[k] says the failure was the target being unavailable, so a resumed run tries again.
+    Whole-run problems stop the run, and so does a target that fails twice in a row for want
+    of answering (down, hanging, rate limiting): the batch is not committed, and running the
+    same command again resumes it."""
     try:
-        return session.attack(x, y, idx), [None] * len(x)
-    except (ModelError, BudgetExceededError):
-        raise
-    except Exception:
-        results, errors = [], []
-        for k in range(len(x)):
-            try:
-                results.append(session.attack(x[k:k + 1], y[k:k + 1], idx[k:k + 1]))
-                errors.append(None)
-            except (ModelError, BudgetExceededError):
+        return session.attack(x, y, idx), [None] * len(x), [False] * len(x)
+    except Exception as exc:
+        if _stops_run(exc):
+            raise
+    results, errors, retry, streak = [], [], [], 0
+    for k in range(len(x)):
+        before = session.spent()
+        try:
+            results.append(session.attack(x[k:k + 1], y[k:k + 1], idx[k:k + 1]))
+            errors.append(None)
+            retry.append(False)
+            streak = 0
+            continue
+        except Exception as exc:
+            if _stops_run(exc):
                 raise
-            except Exception as exc:  # recorded against this image, the run goes on
-                n = session.num_classes
-                results.append(AttackResult(x[k:k + 1].clone(), torch.zeros(1, dtype=torch.bool),
-                                            torch.zeros(1, dtype=torch.long), torch.full((1, n), float("nan"))))
-                errors.append(f"{type(exc).__name__}: {exc}")
-        return AttackResult(*(torch.cat([getattr(r, f) for r in results]) for f in
-                              ("corrected", "success", "queries", "logits"))), errors
+            transient = bool(getattr(exc, "transient", False))
+            streak = streak + 1 if transient else 0
+            if streak >= 2:
+                raise RunError(f"the target stopped answering ({getattr(exc, 'message', exc)}); the results "
+                               "so far are kept", hint="run the same command again to resume once it is back"
+                               ) from None
+            failed = _failed(x[k:k + 1], session.num_classes)
+            failed.queries[0] = session.spent() - before  # what this image spent, if nothing better is known
+            results.append(failed)
+            errors.append(f"{type(exc).__name__}: {exc}")
+            retry.append(transient)
+    return AttackResult(*(torch.cat([getattr(r, f) for r in results]) for f in
+                          ("corrected", "success", "queries", "logits"))), errors, retry
+
+
+def problem_lines(summary: dict) -> list[str]:
+    """One line per kind of problem met: images skipped by reason, images the model gave no
+    answer for, explanations that failed with an error."""
+    lines = []
+    for key, what in (("skipped_by_reason", "skipped"), ("unanswered_by_reason", "without an answer")):
+        counts = summary.get(key) or {}
+        if counts:
+            n = sum(counts.values())
+            parts = ", ".join(f"{reason}: {k}" for reason, k in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+            lines.append(f"{what}: {n} image{'s' if n != 1 else ''} ({parts})")
+    if summary.get("n_failed_with_error"):
+        lines.append(f"failed with an error: {summary['n_failed_with_error']} images"
+                     + (f", {summary['n_to_retry']} to retry on resume" if summary.get("n_to_retry") else ""))
+    return lines
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """A kill mid-write leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def summarize(cfg: ExplainConfig, ds: Dataset, preds: Predictions, records: list[dict], seconds: float) -> dict:
@@ -187,6 +242,7 @@ def summarize(cfg: ExplainConfig, ds: Dataset, preds: Predictions, records: list
         "median_regions": stat(np.median, "n_regions", [r for r in ok if "n_regions" in r]),
         "median_region_fraction": stat(np.median, "region_fraction", [r for r in ok if "region_fraction" in r]),
         "n_failed_with_error": sum(1 for r in records if r.get("error")),
+        "n_to_retry": sum(1 for r in records if r.get("retry")),
         "seconds": seconds, "images_per_second": len(records) / seconds if seconds > 0 else None,
         "classes": ds.classes, "confusion": preds.confusion(ds.num_classes).tolist(),
     }
@@ -209,6 +265,10 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
         todo = np.array([i for i in todo_all if int(i) not in done], dtype=np.int64)
         if done:
             log(f"resuming: {len(done)} of {len(todo_all)} errors already explained")
+        again = store.to_retry()  # images an unavailable target failed: they keep what they spent
+        if again and session.add_spent is not None:
+            ids = np.array(sorted(again), dtype=np.int64)
+            session.add_spent(ids, np.array([again[i] for i in ids], dtype=np.int64))
         with progress_bar(f"explaining ({cfg.method})", total=len(todo_all), enabled=show_progress) as advance:
             advance(len(todo_all) - len(todo))
             for start in range(0, len(todo), cfg.batch_size):
@@ -217,7 +277,9 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
                 x, y = to_tensor(images), torch.from_numpy(ds.labels[idx])
                 t0 = time.perf_counter()
                 before = session.scores(x)
-                result, errors = _attack_batch(session, x, y, idx)
+                result, errors, retry = _attack_batch(session, x, y, idx)
+                if session.queries_for is not None:  # the accountant's count: retries and failed attempts too
+                    result.queries = torch.from_numpy(session.queries_for(idx).astype(np.int64))
                 seconds = time.perf_counter() - t0
                 originals = x.permute(0, 2, 3, 1).numpy()
                 corrected = result.corrected.permute(0, 2, 3, 1).numpy()
@@ -227,16 +289,22 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
                 fig_paths, img_paths = _save_images(run_dir, ds, idx, originals, corrected, explanations,
                                                     before, result, cfg)
                 records = _records(ds, idx, result, before, explanations, fig_paths, img_paths)
-                for rec, err in zip(records, errors):
+                for rec, err, again in zip(records, errors, retry):
                     rec["error"] = err
+                    if again:
+                        rec["retry"] = True
                 stored = np.round(corrected * 255).astype(np.uint8) if cfg.pixels == "uint8" else corrected
                 store.add(records, stored, images, seconds)
                 advance(len(idx))
         records = store.records()
         summary = summarize(cfg, ds, preds, records, store.seconds())
         summary.update(session.summary)
+        if session.queries_for is not None:
+            summary["target_session"] = session.stats()  # this session's calls, retries and waits
+        summary["n_unanswered"] = len(preds.failed)
+        summary["unanswered_by_reason"] = dict(Counter(r.split(":")[0] for r in preds.failed.values()))
         if "surrogate_queries" in summary and records:
             summary["surrogate_queries_per_image"] = summary["surrogate_queries"] / len(records)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     write_report(run_dir)
     return summary

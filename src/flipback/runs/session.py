@@ -23,6 +23,12 @@ class Session:
     attack: Callable[[torch.Tensor, torch.Tensor, np.ndarray], AttackResult]
     close: Callable[[], None] = lambda: None
     summary: dict = field(default_factory=dict)  # extra summary keys of this mode
+    spent: Callable[[], int] = lambda: 0  # counted queries so far, in all
+    # Black-box: the accountant's exact per-image counts (retries included), and a way to
+    # charge queries spent by an earlier, interrupted session to an image's budget.
+    queries_for: Callable[[np.ndarray], np.ndarray] | None = None
+    add_spent: Callable[[np.ndarray, np.ndarray], None] | None = None
+    stats: Callable[[], dict] = dict  # the target's own counters for this session
 
 
 def check_input_shape(expected, arch: str, ds: Dataset) -> None:
@@ -40,7 +46,7 @@ def white_box_session(cfg, ds: Dataset, attack_options: dict) -> Session:
     target = WhiteBoxTarget(loaded.module, ds.num_classes)
     attack = make_attack(cfg.method, **attack_options)
     return Session(ds.num_classes, lambda x: target.predict(x, counted=False),
-                   lambda x, y, idx: attack.run(target, x, y))
+                   lambda x, y, idx: attack.run(target, x, y), spent=lambda: target.queries)
 
 
 def black_box_session(cfg, ds: Dataset, attack_options: dict) -> Session:
@@ -56,7 +62,8 @@ def black_box_session(cfg, ds: Dataset, attack_options: dict) -> Session:
     if surrogate.meta["num_classes"] != ds.num_classes:
         raise ModelError(f"the surrogate has {surrogate.meta['num_classes']} classes, the data set {ds.num_classes}")
     target = load_blackbox(cfg.model, ds.num_classes, output=cfg.output, per_image_budget=cfg.budget,
-                           mean=cfg.mean, std=cfg.std, input_shape=(c, h, w), trust_model=cfg.trust_model)
+                           mean=cfg.mean, std=cfg.std, input_shape=(c, h, w), trust_model=cfg.trust_model,
+                           timeout=cfg.timeout, retries=cfg.retries)
     if cfg.method not in BLACK_BOX_ATTACKS:
         target.close()
         raise FlipbackError(f"method '{cfg.method}' has no black-box version",
@@ -73,4 +80,8 @@ def black_box_session(cfg, ds: Dataset, attack_options: dict) -> Session:
     return Session(ds.num_classes, scores, lambda x, y, idx: attack.run(target, x, y, torch.from_numpy(idx)),
                    target.close, {"output": cfg.output, "surrogate": cfg.surrogate,
                                   "surrogate_queries": meta["queries"], "surrogate_agreement": meta["agreement"],
-                                  "surrogate_output": meta["output"]})
+                                  "surrogate_output": meta["output"]},
+                   spent=lambda: target.queries,
+                   queries_for=lambda idx: target.queries_for(torch.from_numpy(idx)).numpy(),
+                   add_spent=lambda idx, n: target.add_spent(torch.from_numpy(idx), torch.from_numpy(n)),
+                   stats=target.stats)

@@ -63,7 +63,15 @@ class RunStore:
         return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM config")}
 
     def done(self) -> set[int]:
-        return {row[0] for row in self.db.execute("SELECT idx FROM results")}
+        """Images with a final result. One recorded with `retry` (the target was unavailable when
+        it was explained) is not final: a resumed run explains it again."""
+        return {row[0] for row in self.db.execute(
+            "SELECT idx FROM results WHERE json_extract(record, '$.retry') IS NOT 1")}
+
+    def to_retry(self) -> dict[int, int]:
+        """{image index: queries it has spent} of the images to explain again."""
+        return {int(i): int(q or 0) for i, q in self.db.execute(
+            "SELECT idx, json_extract(record, '$.queries') FROM results WHERE json_extract(record, '$.retry') IS 1")}
 
     def add(self, records: list[dict], corrected: np.ndarray, originals: np.ndarray, seconds: float) -> None:
         """Store one finished batch atomically: its rows, images, and the time it took.

@@ -292,12 +292,13 @@ class BlackBoxTarget:
                 if attempt > self.retries:
                     raise TargetError(f"{self.backend.description} failed {attempt} times in a row; last: {last}",
                                       hint=exc.hint or "check that the target is up; --retries and --timeout "
-                                      "set how hard flipback tries") from None
+                                      "set how hard flipback tries", transient=True) from None
                 if exc.retry_after is not None:
                     if exc.retry_after > self.max_retry_after:
                         raise TargetError(f"{self.backend.description} asks to wait {exc.retry_after:.0f} s "
                                           f"before retrying ({last})",
-                                          hint="lower the request rate (rate_limit) or try later") from None
+                                          hint="lower the request rate (rate_limit) or try later",
+                                          transient=True) from None
                     wait = exc.retry_after
                 else:
                     wait = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))

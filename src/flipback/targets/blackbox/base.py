@@ -31,13 +31,17 @@ class Answer:
 class TargetError(FlipbackError):
     """One call to the target failed (after its retries): malformed or non-finite answer, server
     error, timeout. Other calls may still work. `answered` (bool, per image of the call) and
-    `partial` (labels -1 and NaN scores where not answered) keep what did come back."""
+    `partial` (labels -1 and NaN scores where not answered) keep what did come back.
+    `transient`: the target was unavailable (every attempt failed with a server error, a rate
+    limit, a timeout or a broken connection), so the same call may well work later; otherwise
+    the answer itself was bad (malformed, NaN), which is a problem of these images."""
 
     def __init__(self, message: str, hint: str | None = None, *, partial: Answer | None = None,
-                 answered: torch.Tensor | None = None):
+                 answered: torch.Tensor | None = None, transient: bool = False):
         super().__init__(message, hint)
         self.partial = partial
         self.answered = answered
+        self.transient = transient
 
 
 class BudgetExceeded(FlipbackError):
