@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flipback.attacks import RegionsAttack
-from flipback.attacks.regions import rank_map, ranked_map, region_onehot
+from flipback.attacks.regions import explanation_order, rank_map, region_onehot
 from flipback.attacks.segments import grid_segments, segment
 from flipback.attacks.transfer import RegionsTransferAttack
 from flipback.explain import explain_changes
@@ -37,15 +37,19 @@ def grey(n=3):
 
 
 def attack(**kw):
-    return RegionsAttack(segmentation="grid", n_segments=16, **kw)
+    """Free changes within eps, regions grown along the gradient (the defaults are "remove"
+    and measured scoring; grey images have nothing to remove)."""
+    opts = {"change": "free", "scoring": "gradient", "pixel_steps": 0, **kw}
+    return RegionsAttack(segmentation="grid", n_segments=16, **opts)
 
 
-def test_one_cause_one_region():
+@pytest.mark.parametrize("scoring", ["gradient", "removal"])
+def test_one_cause_one_region(scoring):
     # Only cell (1, 2) matters; a change of 0.5 on its 16 pixels raises the margin by 8.
     x, y = grey()
     model = Patches({(1, 2): 1.0}, bias=16 * 128 / 255 + 4)  # margin -4 at the start
     target = WhiteBoxTarget(model, 2)
-    r = attack().run(target, x, y)
+    r = attack(scoring=scoring).run(target, x, y)
     assert r.success.all()
     cell = torch.zeros(H, W, dtype=torch.bool)
     cell[4:8, 8:12] = True
@@ -55,6 +59,30 @@ def test_one_cause_one_region():
     assert torch.equal(r.corrected, torch.round(r.corrected * 255) / 255)
     assert (target.predict(r.corrected, counted=False).argmax(1) == 1).all()
     assert target.queries == int(r.queries.sum())
+
+
+def test_removal_finds_the_planted_patch_and_the_fewest_pixels():
+    # A bright 4x4 patch on a dark image is the whole cause: the model's class-1 margin is
+    # 8 - (sum of the patch cell), so blurring the patch away corrects it. Only regions that
+    # overlap the cell can help, and about half its pixels are enough.
+    x = torch.zeros(2, 1, H, W)
+    x[:, :, 4:8, 8:12] = 1.0
+    y = torch.ones(2, dtype=torch.long)
+    model = Patches({(1, 2): -1.0}, bias=-8.0)
+    target = WhiteBoxTarget(model, 2)
+    r = RegionsAttack(segmentation="grid", n_segments=16).run(target, x, y)
+    assert r.success.all()
+    assert (r.regions[:, 4:8, 8:12] == 1).all() and int(r.regions.max()) == 1
+    changed = (r.corrected - x).abs().sum(1) > 0
+    assert not changed[:, :, :8].any() and not changed[:, :4].any()  # nothing outside the patch's cell
+    assert 9 <= int(changed[0].sum()) < 16  # fewest pixels: more than 8 whole pixels must go
+    # The explanation ranks the removed pixels first, then the rest of the patch's cell.
+    top = r.order.flatten(1).argsort(dim=1, descending=True)[:, :16]
+    cell = torch.zeros(H * W, dtype=torch.bool)
+    cell.view(H, W)[4:8, 8:12] = True
+    assert cell[top].all()
+    assert target.queries == int(r.queries.sum())
+    assert (target.predict(r.corrected, counted=False).argmax(1) == 1).all()
 
 
 def test_two_causes_are_both_needed_and_ranked_by_contribution():
@@ -93,7 +121,8 @@ def test_black_box_asks_the_target_only_when_the_surrogate_is_confident(output):
     x, y = grey()
     model = Patches({(1, 2): 1.0}, bias=16 * 128 / 255 + 4)
     target = from_module(model, 2, output=output)
-    r = RegionsTransferAttack(model, 2, segmentation="grid", n_segments=16, shrink_steps=0).run(
+    r = RegionsTransferAttack(model, 2, segmentation="grid", n_segments=16, shrink_steps=0, change="free",
+                              scoring="gradient", pixel_steps=0).run(
         target, x, y, torch.arange(3))
     assert r.success.all()
     assert r.queries.tolist() == [1, 1, 1]  # an exact surrogate: the first candidate is right
@@ -101,18 +130,23 @@ def test_black_box_asks_the_target_only_when_the_surrogate_is_confident(output):
     assert (r.regions[:, 4:8, 8:12] == 1).all() and int(r.regions.max()) == 1
 
 
-def test_rank_map_and_ranked_map():
+def test_rank_map():
     seg = grid_segments(1, 4, 4, 4)  # four 2x2 cells
     onehot = region_onehot(seg)
     selected = torch.tensor([[True, False, True, True]])
     contribution = torch.tensor([[1.0, 9.0, 3.0, 2.0]])
     ranks = rank_map(onehot, selected, contribution, (1, 1, 4, 4))
     assert ranks[0].tolist() == [[3, 3, 0, 0], [3, 3, 0, 0], [1, 1, 2, 2], [1, 1, 2, 2]]
-    gain = torch.arange(16.0).view(1, 4, 4)
-    m = ranked_map(ranks, gain)
-    order = m.flatten().argsort(descending=True)[:4]
-    assert set(order.tolist()) == {8, 9, 12, 13}  # the whole top region first
-    assert (m[ranks == 0] == 0).all()
+
+
+def test_explanation_order_is_lexicographic():
+    changed = torch.tensor([[[False, True], [True, False]]])
+    gain = torch.tensor([[[0.0, 1.0], [5.0, 0.0]]])
+    effect = torch.tensor([[[2.0, 0.0], [0.0, 2.0]]])  # both unchanged pixels in equally good regions
+    potential = torch.tensor([[[0.1, 9.0], [9.0, 0.7]]])
+    order = explanation_order(changed, gain, effect, potential).flatten().argsort(descending=True)
+    # changed pixels by gain (5 then 1), then the rest by region effect, ties by potential
+    assert order.tolist() == [2, 1, 3, 0]
 
 
 def test_explanation_uses_the_method_regions():
@@ -134,3 +168,19 @@ def test_slic_segments_follow_edges():
     for label in np.unique(seg):
         cols = np.nonzero(seg == label)[1]
         assert cols.max() < 8 or cols.min() >= 8
+
+
+@pytest.mark.parametrize("output", ["scores", "label"])
+def test_black_box_removal_is_measured_on_the_surrogate_and_verified_by_the_target(output):
+    x = torch.zeros(2, 1, H, W)
+    x[:, :, 4:8, 8:12] = 1.0
+    y = torch.ones(2, dtype=torch.long)
+    model = Patches({(1, 2): -1.0}, bias=-8.0)
+    target = from_module(model, 2, output=output)
+    r = RegionsTransferAttack(model, 2, segmentation="grid", n_segments=16).run(target, x, y, torch.arange(2))
+    assert r.success.all()
+    assert (r.regions[:, 4:8, 8:12] == 1).all() and int(r.regions.max()) == 1
+    # Measuring 16 regions cost nothing; the target saw only the bisections' candidates.
+    assert (r.queries < 16).all()
+    assert target.queries == int(r.queries.sum())
+    assert (model(r.corrected).argmax(1) == 1).all()

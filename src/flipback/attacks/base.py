@@ -30,6 +30,8 @@ class AttackResult:
     regions: torch.Tensor | None = None
     # (N, H, W) float: each pixel's share of the margin the change gained (region methods).
     importance: torch.Tensor | None = None
+    # (N, H, W) float: the explanation's ranking of the pixels, higher first (region methods).
+    order: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.success)

@@ -32,11 +32,28 @@ def region_onehot(seg: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.one_hot(seg.flatten(1), s).float()
 
 
-def room(x: torch.Tensor, delta: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
-    """How far each value may still move along sign(g), within the eps bound and [0, 1]."""
-    up = torch.minimum(eps - delta, 1 - x - delta)
-    down = torch.minimum(eps + delta, x + delta)
-    return torch.where(g > 0, up, down).clamp_min(0)
+def room(delta: torch.Tensor, g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """How far each value may still move along sign(g), within its bounds [lo, hi]."""
+    return torch.where(g > 0, hi - delta, delta - lo).clamp_min(0)
+
+
+def local_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Each channel Gaussian-blurred over H and W (reflecting borders), on the 8-bit grid."""
+    from scipy import ndimage
+
+    x = images.detach().double().numpy()
+    out = ndimage.gaussian_filter(x, sigma=(0.0, 0.0, float(sigma), float(sigma)), mode="reflect")
+    return to_grid(torch.from_numpy(out).to(images.dtype), "uint8")
+
+
+def change_bounds(x0: torch.Tensor, change: str, eps: float, sigma: float):
+    """Per value, the change allowed inside a chosen region: "free", anything within eps
+    (and [0, 1]); "remove", any part of the way to a local blur of the image, so the
+    correction says what had to be taken out. Returns (lo, hi, step size)."""
+    if change == "free":
+        return (-x0).clamp(min=-eps), (1 - x0).clamp(max=eps), torch.full_like(x0, eps / 2)
+    toward = local_blur(x0, sigma) - x0
+    return toward.clamp(max=0), toward.clamp(min=0), toward.abs() / 2
 
 
 def region_scores(pixel_values: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -61,17 +78,29 @@ def rank_map(onehot: torch.Tensor, selected: torch.Tensor, contribution: torch.T
     return per_pixel.round().long().view(shape[0], shape[2], shape[3])
 
 
+CHANGES = ("free", "remove")
+SCORINGS = ("removal", "gradient")
+
+
 class RegionsAttack(CorrectiveAttack):
     name = "regions"
 
-    def __init__(self, *, eps: float = 0.5, segmentation: str = "slic", n_segments: int | None = None,
+    def __init__(self, *, change: str = "remove", scoring: str = "removal", eps: float = 0.5, blur: float = 4.0,
+                 segmentation: str = "slic", region_steps: int = 7, n_segments: int | None = None,
                  compactness: float = 0.1, steps_per_region: int = 2, max_regions: int = 16, prune_steps: int = 2,
-                 shrink_steps: int = 3, max_queries: int = 60, pixels: str = "uint8"):
+                 pixel_steps: int = 8, shrink_steps: int = 3, max_queries: int = 250, pixels: str = "uint8"):
         super().__init__(pixels=pixels)
-        self.eps = eps
+        if change not in CHANGES:
+            raise ValueError(f"change must be one of {CHANGES}, got {change!r}")
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        self.change, self.scoring, self.eps, self.blur = change, scoring, eps, blur
+        self.region_steps = region_steps
+        # Removing is exact only at full strength: scaling it down would blur a pixel halfway.
+        shrink_steps = 0 if change == "remove" else shrink_steps
         self.segmentation, self.n_segments, self.compactness = segmentation, n_segments, compactness
         self.steps_per_region, self.max_regions = steps_per_region, max_regions
-        self.prune_steps, self.shrink_steps = prune_steps, shrink_steps
+        self.prune_steps, self.pixel_steps, self.shrink_steps = prune_steps, pixel_steps, shrink_steps
         self.max_queries = max_queries
 
     # The two hooks a black-box version replaces. White-box: one counted gradient query both
@@ -87,11 +116,19 @@ class RegionsAttack(CorrectiveAttack):
         out = target.predict(x)
         return margin(out, labels) > MIN_MARGIN, out
 
+    def _margins(self, target, x, labels, counted: bool = True):
+        """The margin of the true label on candidates that guide the search (not verdicts)."""
+        return margin(target.predict(x, counted=counted), labels)
+
     def _start_gradient(self, target, x, labels):
         return target.gradient(x, labels, smooth_margin, counted=False)[1]
 
+    def _reserve(self) -> int:
+        """Queries kept back for the steps after the first success."""
+        return self.prune_steps + 2 * self.pixel_steps + self.shrink_steps
+
     def _iterations(self) -> int:
-        return self.max_queries - self.prune_steps - self.shrink_steps
+        return self.max_queries - self._reserve()
 
     def run(self, target, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None = None) -> AttackResult:
         self._ids = torch.arange(len(images)) if ids is None else ids
@@ -104,24 +141,37 @@ class RegionsAttack(CorrectiveAttack):
         selected = torch.zeros(n, s, dtype=torch.bool)
         since = torch.zeros(n, dtype=torch.long)  # steps since the last region joined
         delta = torch.zeros_like(x0)
+        lo, hi, size = change_bounds(x0, self.change, self.eps, self.blur)
         final_grad = torch.zeros_like(x0)
         g = self._start_gradient(target, x0, labels)
         start_grad = g.clone()
-        active = torch.arange(n)
+        # The whole change a region allows: all the way to the blur, or eps along the gradient.
+        full = hi + lo if self.change == "remove" else torch.maximum(torch.minimum(2 * size * g.sign(), hi), lo)
+        if self.scoring == "removal":
+            effect = self._measure_regions(target, x0, labels, full, onehot, queries)
+            self._fewest_regions(target, x0, labels, full, onehot, effect, selected, delta, corrected, success,
+                                 logits, queries)
+            final_grad[success] = start_grad[success]
+        else:
+            effect = region_scores(start_grad * full, onehot)  # first-order, where no query measured it
+        measured = torch.where(torch.isfinite(effect), effect, torch.zeros_like(effect))  # absent regions
+        region_effect = torch.bmm(onehot, measured[:, :, None]).squeeze(2).view(n, *shape[2:])
+        active = (~success).nonzero().squeeze(1)
+        g = g[active]
         for _ in range(self._iterations()):
-            if len(active) == 0 or int(queries[active].min()) >= self.max_queries - self.prune_steps - self.shrink_steps:
+            if len(active) == 0 or int(queries[active].min()) >= self.max_queries - self._reserve():
                 break
             a = active
             k = selected[a].sum(1)
             need = ((since[a] >= self.steps_per_region) | (k == 0)) & (k < min(self.max_regions, s))
             if bool(need.any()):
-                gain = region_scores(g[need].abs() * room(x0[a[need]], delta[a[need]], g[need], self.eps),
-                                     onehot[a[need]])
+                b = a[need]
+                gain = region_scores(g[need].abs() * room(delta[b], g[need], lo[b], hi[b]), onehot[b])
                 gain = gain.masked_fill(selected[a[need]], float("-inf"))
                 selected[a[need], gain.argmax(1)] = True
                 since[a[need]] = 0
-            step = 0.5 * self.eps * g.sign() * pixel_mask(onehot[a], selected[a], (len(a), *shape[1:]))
-            x = to_grid(x0[a] + (delta[a] + step).clamp(-self.eps, self.eps), self.pixels)
+            step = size[a] * g.sign() * pixel_mask(onehot[a], selected[a], (len(a), *shape[1:]))
+            x = to_grid(x0[a] + torch.maximum(torch.minimum(delta[a] + step, hi[a]), lo[a]), self.pixels)
             ok, out, g, asked = self._probe(target, x, labels[a], a)
             queries[a] += asked.long()
             since[a] += 1
@@ -135,13 +185,81 @@ class RegionsAttack(CorrectiveAttack):
         done = success.nonzero().squeeze(1)
         if len(done):
             self._prune(target, labels, x0, delta, selected, final_grad, onehot, done, corrected, logits, queries)
+            # Two orders for the fewest pixels: the correction's own pixels by the margin each
+            # gained, and every pixel by the first-order gain of its whole allowed change.
+            gain = (delta * start_grad).sum(1).masked_fill(delta.abs().sum(1) == 0, float("-inf"))
+            self._fewest_pixels(target, labels, x0, delta, delta.clone(), gain, done, corrected, logits, queries,
+                                verified=True)
+            potential = (full * start_grad).sum(1)
+            self._fewest_pixels(target, labels, x0, delta, full, potential.masked_fill(potential <= 0, float("-inf")),
+                                done, corrected, logits, queries, verified=False)
+            # The regions are those the final correction touches.
+            selected[done] = region_scores(delta[done].abs(), onehot[done]) > 0
             self._shrink(target, labels, x0, delta, done, corrected, logits, queries)
         # Each pixel's share of the margin gained: its change times the mean of the gradients at
         # both ends of the path (a two-point integrated gradient along x0 -> x0 + delta).
         pixel_gain = (delta * (start_grad + final_grad) / 2).sum(1, keepdim=True)
         regions = rank_map(onehot, selected, region_scores(pixel_gain, onehot), shape)
+        changed = delta.abs().sum(1) > 0
+        order = explanation_order(changed, pixel_gain.squeeze(1), region_effect, (full * start_grad).sum(1))
         return AttackResult(corrected, success, queries, logits, regions=regions,
-                            importance=pixel_gain.squeeze(1) * (regions > 0))
+                            importance=pixel_gain.squeeze(1) * (regions > 0), order=order)
+
+    def _measure_regions(self, target, x0, labels, full, onehot, queries) -> torch.Tensor:
+        """(n, S): how much the true label's margin rises when one region alone gets its whole
+        change; one query per region, like occlusion but on the regions and the margin."""
+        base = self._margins(target, x0, labels, counted=False)
+        effect = torch.full(onehot.shape[::2], float("-inf"))
+        present = onehot.sum(1) > 0
+        for r in range(onehot.shape[2]):
+            rows = present[:, r].nonzero().squeeze(1)
+            if len(rows) == 0:
+                continue
+            mask = onehot[rows, :, r].view(len(rows), 1, *x0.shape[2:])
+            x = to_grid(x0[rows] + full[rows] * mask, self.pixels)
+            effect[rows, r] = self._margins(target, x, labels[rows]) - base[rows]
+            queries[rows] += 1 if self._counts_guidance() else 0
+        return effect
+
+    def _counts_guidance(self) -> bool:
+        """Whether the guiding evaluations are target queries (white-box) or free (surrogate)."""
+        return True
+
+    def _fewest_regions(self, target, x0, labels, full, onehot, effect, selected, delta, corrected, success,
+                        logits, queries) -> None:
+        """The fewest regions, taken in order of measured effect, whose change together
+        corrects: all helpful regions first (one query), then a bisection on their number."""
+        n, _, s = onehot.shape
+        order = effect.argsort(dim=1, descending=True, stable=True)
+        helpful = (effect > 0).sum(1)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(s).expand_as(order).contiguous())
+
+        def attempt(rows, k):
+            chosen = rank[rows] < k[:, None]
+            x = to_grid(x0[rows] + full[rows] * pixel_mask(onehot[rows], chosen, x0[rows].shape), self.pixels)
+            ok, out = self._check(target, x, labels[rows], rows)
+            queries[rows] += 1
+            good = rows[ok]
+            selected[good], delta[good] = chosen[ok], x[ok] - x0[good]
+            corrected[good], logits[good], success[good] = x[ok], out[ok], True
+            return ok
+
+        rows = (helpful > 0).nonzero().squeeze(1)
+        if len(rows) == 0:
+            return
+        ok = attempt(rows, helpful[rows])
+        rows = rows[ok]
+        lo = torch.zeros(len(rows), dtype=torch.long)
+        hi = helpful[rows].clone()
+        for _ in range(self.region_steps):
+            open_ = (hi - lo) > 1
+            if not bool(open_.any()):
+                break
+            sub = open_.nonzero().squeeze(1)
+            mid = (lo[sub] + hi[sub]) // 2
+            ok = attempt(rows[sub], mid)
+            hi[sub] = torch.where(ok, mid, hi[sub])
+            lo[sub] = torch.where(ok, lo[sub], mid)
 
     def _prune(self, target, labels, x0, delta, selected, grad, onehot, idx, corrected, logits,
                queries) -> None:
@@ -163,6 +281,42 @@ class RegionsAttack(CorrectiveAttack):
             delta[kept], corrected[kept], logits[kept] = x[ok] - x0[kept], x[ok], out[ok]
             idx = kept
 
+    def _fewest_pixels(self, target, labels, x0, delta, change, score, idx, corrected, logits, queries, *,
+                       verified: bool) -> None:
+        """The fewest pixels, taken in the order of `score` and given their part of `change`,
+        that correct: a bisection on their number, one query per try. Kept only where it is
+        verified and changes fewer pixels than the current correction. Unless `verified` (all
+        of `change` is known to correct), the first try is as many pixels as the current
+        correction has, and an order that fails there is dropped."""
+        if not self.pixel_steps or len(idx) == 0:
+            return
+        current = (delta[idx].abs().sum(1).flatten(1) > 0).sum(1)
+        usable = (change[idx].abs().sum(1).flatten(1) > 0) & torch.isfinite(score[idx].flatten(1))
+        order = score[idx].flatten(1).masked_fill(~usable, float("-inf")).argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+        base = change[idx]
+        lo = torch.zeros(len(idx), dtype=torch.long)  # known too few: none
+        hi = torch.minimum(usable.sum(1), current)  # enough if it is the current correction itself
+        known = torch.full((len(idx),), verified)
+        for _ in range(self.pixel_steps):
+            open_ = ((hi - lo) > 1) | (~known & (hi > 0))
+            if not bool(open_.any()):
+                break
+            rows = open_.nonzero().squeeze(1)
+            p = torch.where(known[rows], (lo[rows] + hi[rows]) // 2, hi[rows])
+            keep = (rank[rows] < p[:, None]).view(len(rows), 1, *x0.shape[2:])
+            x = to_grid(x0[idx[rows]] + base[rows] * keep, self.pixels)
+            ok, out = self._check(target, x, labels[idx[rows]], idx[rows])
+            queries[idx[rows]] += 1
+            first_try = ~known[rows]
+            hi[rows] = torch.where(ok, p, torch.where(first_try, 0, hi[rows]))  # an order that fails at once is dropped
+            lo[rows] = torch.where(ok | first_try, lo[rows], p)
+            known[rows] = True
+            good = idx[rows[ok & (p < current[rows])]]
+            sel = ok & (p < current[rows])
+            delta[good], corrected[good], logits[good] = x[sel] - x0[good], x[sel], out[sel]
+            current[rows[sel]] = p[sel]
+
     def _shrink(self, target, labels, x0, delta, idx, corrected, logits, queries) -> None:
         """The smallest scale of the change (bisection in (0, 1]) that still corrects."""
         lo = torch.zeros(len(idx))
@@ -179,11 +333,19 @@ class RegionsAttack(CorrectiveAttack):
             delta[good], corrected[good], logits[good] = x[ok] - x0[good], x[ok], out[ok]
 
 
-def ranked_map(regions: torch.Tensor, importance: torch.Tensor) -> torch.Tensor:
-    """One (N,H,W) map from a region method's result: every pixel of the top region above
-    every pixel of the second, and so on; within a region, pixels by their share of the
-    margin gained. Pixels outside the regions are 0."""
-    k = regions.amax((1, 2), keepdim=True)
-    gain = importance.clamp_min(0)
-    within = gain / gain.amax((1, 2), keepdim=True).clamp_min(1e-12)
-    return torch.where(regions > 0, (k + 1 - regions).float() + 0.99 * within, torch.zeros_like(gain))
+def explanation_order(changed: torch.Tensor, gain: torch.Tensor, region_effect: torch.Tensor,
+                      potential: torch.Tensor) -> torch.Tensor:
+    """(N,H,W) scores that rank the pixels, highest first: every pixel the correction changed,
+    by the margin it gained; then the others, by the measured effect of their region and,
+    within a region, by the first-order gain of their own change."""
+    n = len(changed)
+    flat = lambda t: t.reshape(n, -1)  # noqa: E731
+    # A lexicographic order by (changed, gain or region effect, potential): stable sorts from
+    # the last key to the first.
+    order = flat(potential).argsort(dim=1, descending=True, stable=True)
+    second = torch.where(flat(changed), flat(gain), flat(region_effect)).gather(1, order)
+    order = order.gather(1, second.argsort(dim=1, descending=True, stable=True))
+    first = flat(changed).gather(1, order).float()
+    order = order.gather(1, first.argsort(dim=1, descending=True, stable=True))
+    ranks = torch.arange(order.shape[1], 0, -1, dtype=torch.float32).expand_as(order).contiguous()
+    return torch.empty(order.shape).scatter_(1, order, ranks).view_as(gain)

@@ -146,12 +146,13 @@ class RegionsTransferAttack(RegionsAttack):
     and the steps, for free; the target is asked only once the surrogate's margin reaches a
     wanted value (`confidence` above its margin on the original), which doubles after each
     refusal, or, where the bounded change stalls below that, before the next region joins if
-    the surrogate is then right and more so than at the last refusal. Pruning and shrinking
-    ask the target for every try."""
+    the surrogate is then right and more so than at the last refusal. The regions' effects are
+    measured on the surrogate; every candidate of the bisections (fewest regions, fewest
+    pixels) and of pruning and shrinking is asked of the target."""
 
-    def __init__(self, surrogate, num_classes, *, confidence: float = 4.0, max_queries: int = 20,
-                 max_steps: int = 64, **options):
-        super().__init__(max_queries=max_queries, **options)
+    def __init__(self, surrogate, num_classes, *, confidence: float = 4.0, max_queries: int = 40,
+                 pixel_steps: int = 6, max_steps: int = 64, **options):
+        super().__init__(max_queries=max_queries, pixel_steps=pixel_steps, **options)
         self.surrogate = WhiteBoxTarget(surrogate, num_classes)
         self.confidence, self.max_steps = confidence, max_steps
 
@@ -168,13 +169,18 @@ class RegionsTransferAttack(RegionsAttack):
     def _iterations(self) -> int:
         return self.max_steps
 
+    def _margins(self, target, x, labels, counted: bool = True):
+        return margin(self.surrogate.predict(x, counted=False), labels)
+
+    def _counts_guidance(self) -> bool:
+        return False
+
     def _probe(self, target, x, labels, rows):
         out, g = self.surrogate.gradient(x, labels, smooth_margin, counted=False)
         m = margin(out, labels)
         self._since[rows] += 1
         stalled = (self._since[rows] % self.steps_per_region == 0) & (m > self._refused[rows] + 1)
-        ask = ((m >= self._want[rows]) | stalled) & \
-            (self._queries[rows] < self.max_queries - self.prune_steps - self.shrink_steps)
+        ask = ((m >= self._want[rows]) | stalled) & (self._queries[rows] < self.max_queries - self._reserve())
         ok = torch.zeros(len(x), dtype=torch.bool)
         scores = torch.full((len(x), self.surrogate.num_classes), float("nan"))
         if bool(ask.any()):
