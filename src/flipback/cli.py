@@ -210,6 +210,54 @@ def bench_paper(
     _guard(go)
 
 
+@bench_app.command("faithfulness")
+def bench_faithfulness(
+    out_dir: Path = typer.Option(..., "--out"),
+    data: Optional[str] = typer.Option(None, help="Data with train and test splits (default: Debian's Fashion-MNIST)."),
+    model: Optional[str] = typer.Option(None, help="ARCH:WEIGHTS to fine-tune with the cue (default: small_cnn "
+                                        "from scratch); with --real, the model whose errors are explained."),
+    real: bool = typer.Option(False, "--real", help="The model's own test errors instead of planted ones."),
+    limit: int = typer.Option(500, min=1, help="How many errors to explain."),
+    baselines: Optional[str] = typer.Option(None, help="Comma-separated Captum baselines (default: all)."),
+):
+    """Do explanations point at the real cause? flipback's regions against Captum baselines:
+    pointing game and top-k precision on planted causes, deletion-to-correct everywhere."""
+    from .runs.faithfulness import BASELINES, run_faithfulness
+
+    def go():
+        chosen = tuple(b.strip() for b in baselines.split(",") if b.strip()) if baselines else BASELINES
+        unknown = [b for b in chosen if b not in BASELINES]
+        if unknown:
+            raise FlipbackError(f"unknown baseline '{unknown[0]}'", hint=f"choose from: {', '.join(BASELINES)}")
+        result = run_faithfulness(data=data, model=model, out_dir=out_dir, real=real, limit=limit, baselines=chosen,
+                                  show_progress=not _state["quiet"], log=_log)
+        if _state["json"]:
+            print(json.dumps(result))
+            return
+        _print_faithfulness(result)
+        out.print(f"summary: {(out_dir / 'summary.json').resolve()}", markup=False, highlight=False)
+
+    _guard(go)
+
+
+def _print_faithfulness(result: dict) -> None:
+    if _state["quiet"]:
+        return
+    planted = result["kind"] == "planted"
+    t = Table(title=f"faithfulness on {result['n_images']} {result['kind']} errors ({result['model']})")
+    cols = (["pointing", "top-k precision"] if planted else []) + \
+        [f"del {float(f):.0%}" for f in result["fractions"]] + ["deletion AUC", "s/image"]
+    for col in ["method", *cols]:
+        t.add_column(col, justify="right")
+    for name, m in result["methods"].items():
+        row = m.get("best", m)
+        cells = ([f"{row['pointing']:.1%}", f"{row['topk_precision']:.3f}"] if planted else []) + \
+            [f"{row['deletion'][str(f)]:.1%}" for f in result["fractions"]] + \
+            [f"{row['deletion_auc']:.3f}", f"{row['seconds_per_image']:.4f}"]
+        t.add_row(name + (" (best variant)" if "best" in m else ""), *cells)
+    out.print(t)
+
+
 @app.command("surrogate")
 def surrogate_cmd(
     target: str = typer.Option(..., help="The black-box target SPEC."),
