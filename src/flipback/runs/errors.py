@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..data import Dataset
-from ..errors import ModelError
+from ..errors import FlipbackError, ModelError
 from .progress import progress_bar
 
 
@@ -56,8 +56,8 @@ def _top1(scores: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tu
     """Top-1 per image, -1 with a reason where the answer is unusable. A failed batch is asked
     again image by image, so one bad image costs only itself."""
     try:
-        s = scores(x)
-    except Exception as exc:
+        s = _scores_or_model_error(scores, x)
+    except FlipbackError as exc:
         if not _per_image_problem(exc):
             raise
         if len(x) == 1:
@@ -67,6 +67,17 @@ def _top1(scores: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tu
     finite = torch.isfinite(s).all(1)
     top = torch.where(finite, s.argmax(1), -1).numpy()
     return top, [None if ok else "non-finite scores: the model answered NaN or infinity" for ok in finite.tolist()]
+
+
+def _scores_or_model_error(scores, x: torch.Tensor) -> torch.Tensor:
+    try:
+        return scores(x)
+    except FlipbackError:
+        raise
+    except Exception as exc:  # a model that crashes on the data set's images cannot be used
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ModelError(f"the model fails on the data set's images ({type(exc).__name__}: {first})",
+                         hint="run again with --debug for the traceback") from exc
 
 
 def _per_image_problem(exc: Exception) -> bool:

@@ -22,6 +22,7 @@ from ..attacks import AttackResult
 from ..data import Dataset, load_dataset
 from ..errors import FlipbackError, ModelError, RunError
 from ..explain import explain_changes, save_figure
+from ..explain.recurring import recurring_causes
 from ..report import write_report
 from ..store import RunStore
 from ..targets.blackbox import BudgetExceeded as BudgetExceededError
@@ -289,8 +290,13 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
                 fig_paths, img_paths = _save_images(run_dir, ds, idx, originals, corrected, explanations,
                                                     before, result, cfg)
                 records = _records(ds, idx, result, before, explanations, fig_paths, img_paths)
-                for rec, err, again in zip(records, errors, retry):
-                    rec["error"] = err
+                # White-box: the model answered NaN or infinity on the last candidate (its gradient too,
+                # then). Black-box targets raise on such answers, and hard-label ones have no scores.
+                nonfinite = (~torch.isfinite(result.logits).all(1) & (result.queries > 0) & ~result.success
+                             & (cfg.mode == "white-box")).tolist()
+                for rec, err, again, bad in zip(records, errors, retry, nonfinite):
+                    rec["error"] = err or ("non-finite scores: the model answered NaN or infinity on the last "
+                                          "candidate" if bad else None)
                     if again:
                         rec["retry"] = True
                 stored = np.round(corrected * 255).astype(np.uint8) if cfg.pixels == "uint8" else corrected
@@ -299,6 +305,7 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
         records = store.records()
         summary = summarize(cfg, ds, preds, records, store.seconds())
         summary.update(session.summary)
+        summary["recurring_causes"] = recurring_causes(records, store.images, ds.classes)
         if session.queries_for is not None:
             summary["target_session"] = session.stats()  # this session's calls, retries and waits
         summary["n_unanswered"] = len(preds.failed)
