@@ -416,6 +416,14 @@ def render_index(summary: dict, records: list[dict], *, title: str = "flipback r
             pairs.append({"t": t, "p": p, "tname": names[t], "pname": names[p], "n": counts.get((t, p), 0),
                           "src": f"{ASSETS}/pairs/{quote(name)}",
                           "width": geo["width"] * geo["scale"], "height": geo["height"] * geo["scale"]})
+    recurring = summary.get("recurring_causes") if isinstance(summary.get("recurring_causes"), dict) else {}
+    consistency = {(_int(d.get("true")), _int(d.get("pred"))): d.get("consistency")
+                   for d in recurring.get("pairs") or [] if isinstance(d, dict)}
+    for pr in pairs:
+        c = consistency.get((pr["t"], pr["p"]))
+        pr["consistency"] = f"{c:.2f}" if isinstance(c, (int, float)) and c == c else None
+    reference = recurring.get("reference")
+    reference = f"{reference:.2f}" if isinstance(reference, (int, float)) and reference == reference else None
     pairs.sort(key=lambda d: -d["n"])
     data = {"classes": names, "records": compact, "geo": tile_geometry(*shape) if shape else None}
     published = summary.get("published") if isinstance(summary.get("published"), dict) else None
@@ -434,6 +442,7 @@ def render_index(summary: dict, records: list[dict], *, title: str = "flipback r
         plots=plots or [],
         confusion=_confusion(compact, names, summary.get("n_misclassified")),
         pairs=pairs,
+        pairs_reference=reference,
         gallery=bool(compact),
         data_json=json_for_html(data),
         summary_rows=_summary_rows(summary),
