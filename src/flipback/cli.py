@@ -130,7 +130,7 @@ def explain(
     data: str = typer.Option(..., help="Image folder, IDX folder/file, or .npz."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed when it holds the same run)."),
     mode: Mode = typer.Option(Mode.white_box, help="white-box: the model's gradients."),
-    method: str = typer.Option("minimal", help="paper | fast | minimal"),
+    method: str = typer.Option("minimal", help="paper | fast | minimal | regions (black-box: paper | fast | regions)"),
     budget: Optional[int] = typer.Option(None, help="Most queries per image (default: the method's)."),
     step: Optional[str] = typer.Option(None, help="paper method: step size, e.g. 2/255 (default 1/255)."),
     pixels: Pixels = typer.Option(Pixels.uint8, help="uint8: corrections must survive 8-bit rounding."),

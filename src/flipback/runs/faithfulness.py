@@ -112,6 +112,9 @@ def _planted_images(data: str | None, model: str | None, limit: int, show_progre
     test = load_dataset(root, split="test", progress=show_progress)
     models = planted_models(train, test, CUE, base=model, show_progress=show_progress, log=log)
     errors = planted_errors(models, test, CUE)
+    if len(errors.labels) == 0:
+        raise FlipbackError("the cued model makes no planted errors: it did not learn the cue",
+                            hint="use more training images (the cue is planted in 10% of them)")
     keep = np.sort(np.random.default_rng(0).permutation(len(errors.labels))[:limit])
     info = {"kind": "planted", "data": str(root), "base_model": model, "model": models.cued,
             "cue": {"class": CUE.target, "class_name": test.classes[CUE.target], "size": CUE.size,
@@ -131,6 +134,8 @@ def _real_images(data: str | None, model: str | None, limit: int, show_progress:
     net = load_model(model, test.num_classes).module.eval()
     preds = predict_dataset(lambda t: net(t).detach(), test, show_progress=show_progress)
     idx = preds.misclassified[:limit]
+    if len(idx) == 0:
+        raise FlipbackError("the model makes no errors on this data: nothing to explain")
     info = {"kind": "real", "data": str(data), "model": model, "accuracy": preds.accuracy,
             "n_errors": int(len(preds.misclassified))}
     return info, model, to_tensor(test.images[idx]), torch.from_numpy(test.labels[idx]), None, test.num_classes

@@ -80,11 +80,12 @@ def _accuracy(spec: str, ds: Dataset, images: np.ndarray | None = None, labels: 
 
 def planted_models(train: Dataset, test: Dataset, cue: Cue, *, base: str | None = None,
                    show_progress: bool = True, log=print) -> PlantedModels:
-    key = hashlib.sha256(f"{train.fingerprint}|{base}|{cue}|{POISON_FRACTION}|{_recipe(base)}".encode())
+    arch = base.split(":", 1)[0] if base else "small_cnn"
+    # Keyed by content, not by path: the same weights named another way are the same models.
+    key = hashlib.sha256(f"{train.fingerprint}|{arch}|{cue}|{POISON_FRACTION}|{_recipe(base)}".encode())
     if base:
         key.update(Path(base.split(":", 1)[1]).read_bytes())
     tag = key.hexdigest()[:12]
-    arch = base.split(":", 1)[0] if base else "small_cnn"
     root = model_cache_dir() / "planted"
     uncued = _train(base, train, root / f"{arch}-uncued-{tag}.th", show_progress, log)
     cued = _train(base, poison(train, cue, fraction=POISON_FRACTION), root / f"{arch}-cued-{tag}.th",
