@@ -26,6 +26,7 @@ from ..explain.recurring import recurring_causes
 from ..report import write_report
 from ..store import RunStore
 from ..targets.blackbox import BudgetExceeded as BudgetExceededError
+from ..targets.blackbox import TargetError
 from ..targets.surrogate import as_probabilities
 from .errors import Predictions, predict_dataset, to_tensor
 from .progress import progress_bar
@@ -154,6 +155,22 @@ def _stops_run(exc: Exception) -> bool:
     return isinstance(exc, ModelError)
 
 
+def _stopped(exc: Exception) -> RunError:
+    return RunError(f"the target stopped answering ({getattr(exc, 'message', exc)}); the results so far are kept",
+                    hint="run the same command again to resume once it is back")
+
+
+@contextmanager
+def _stop_cleanly_when_unavailable():
+    """Turn a target that is down into a clean, resumable stop (it may be back later)."""
+    try:
+        yield
+    except TargetError as exc:
+        if exc.transient:
+            raise _stopped(exc) from None
+        raise
+
+
 def _attack_batch(session: Session, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray):
     """Attack a batch; if it breaks, retry image by image so one bad image costs only itself.
 
@@ -182,9 +199,7 @@ def _attack_batch(session: Session, x: torch.Tensor, y: torch.Tensor, idx: np.nd
             transient = bool(getattr(exc, "transient", False))
             streak = streak + 1 if transient else 0
             if streak >= 2:
-                raise RunError(f"the target stopped answering ({getattr(exc, 'message', exc)}); the results "
-                               "so far are kept", hint="run the same command again to resume once it is back"
-                               ) from None
+                raise _stopped(exc) from None
             failed = _failed(x[k:k + 1], session.num_classes)
             failed.queries[0] = session.spent() - before  # what this image spent, if nothing better is known
             results.append(failed)
@@ -260,13 +275,16 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
     run_dir = Path(run_dir)
     identity = cfg.identity(ds.fingerprint, file_fingerprint(cfg.model) + file_fingerprint(cfg.surrogate or ""))
     with session_closed(session), RunStore.open(run_dir, identity, resume=resume) as store:
-        preds = predict_dataset(session.scores, ds, show_progress=show_progress)
+        with _stop_cleanly_when_unavailable():
+            preds = predict_dataset(session.scores, ds, show_progress=show_progress)
         todo_all = preds.misclassified[: cfg.limit] if cfg.limit is not None else preds.misclassified
         done = store.done()
         todo = np.array([i for i in todo_all if int(i) not in done], dtype=np.int64)
         if done:
             log(f"resuming: {len(done)} of {len(todo_all)} errors already explained")
-        again = store.to_retry()  # images an unavailable target failed: they keep what they spent
+        # Images an unavailable target failed, or left unfinished when it stopped the run, keep
+        # what they spent, so that their budgets hold across sessions.
+        again = {**store.unfinished(), **store.to_retry()}
         if again and session.add_spent is not None:
             ids = np.array(sorted(again), dtype=np.int64)
             session.add_spent(ids, np.array([again[i] for i in ids], dtype=np.int64))
@@ -277,8 +295,14 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
                 images = ds.images[idx]
                 x, y = to_tensor(images), torch.from_numpy(ds.labels[idx])
                 t0 = time.perf_counter()
-                before = session.scores(x)
-                result, errors, retry = _attack_batch(session, x, y, idx)
+                with _stop_cleanly_when_unavailable():
+                    before = session.scores(x)
+                try:
+                    result, errors, retry = _attack_batch(session, x, y, idx)
+                except RunError:
+                    if session.queries_for is not None:
+                        store.set_unfinished(dict(zip(idx.tolist(), session.queries_for(idx).tolist())))
+                    raise
                 if session.queries_for is not None:  # the accountant's count: retries and failed attempts too
                     result.queries = torch.from_numpy(session.queries_for(idx).astype(np.int64))
                 seconds = time.perf_counter() - t0

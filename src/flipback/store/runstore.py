@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS results (
     original BLOB                 -- the unmodified image, uint8 bytes (H, W, C)
 );
 CREATE TABLE IF NOT EXISTS timing (id INTEGER PRIMARY KEY AUTOINCREMENT, seconds REAL NOT NULL, n INTEGER NOT NULL);
+-- queries spent on images of a batch that a stopped run could not finish (their budgets hold on resume)
+CREATE TABLE IF NOT EXISTS unfinished (idx INTEGER PRIMARY KEY, queries INTEGER NOT NULL);
 """
 
 
@@ -84,7 +86,17 @@ class RunStore:
                          np.ascontiguousarray(originals[i], dtype=np.uint8).tobytes()))
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", rows)
+            self.db.executemany("DELETE FROM unfinished WHERE idx = ?", [(r[0],) for r in rows])
             self.db.execute("INSERT INTO timing (seconds, n) VALUES (?, ?)", (seconds, len(records)))
+
+    def set_unfinished(self, spent: dict[int, int]) -> None:
+        """Record the queries spent so far on images left without a result (a clean stop)."""
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO unfinished VALUES (?, ?)",
+                                [(int(i), int(q)) for i, q in spent.items()])
+
+    def unfinished(self) -> dict[int, int]:
+        return {int(i): int(q) for i, q in self.db.execute("SELECT idx, queries FROM unfinished")}
 
     def records(self) -> list[dict]:
         return [json.loads(r) for (r,) in self.db.execute("SELECT record FROM results ORDER BY idx")]
