@@ -210,6 +210,14 @@ def test_folder_corpus_every_entry_loads_or_is_skipped_with_its_reason(corpus):
     # A second load (from the cache) reports the same.
     again = load_dataset(root)
     assert again.skipped == ds.skipped and again.names == ds.names
+    table = os.environ.get("FLIPBACK_BAD_INPUT_TABLE")  # docs/reliability.md shows this table
+    if table:
+        with open(table, "w") as f:
+            f.write("| case | entry | outcome |\n|---|---|---|\n")
+            for kind, _, want in FOLDER_CASES + [("file name not valid UTF-8", None, {"b/caf\ufffd.png": "load"})]:
+                for name in want:
+                    outcome = "loaded" if name in ds.names else f"skipped: {reasons[name]}"
+                    f.write(f"| {kind} | `{name}` | {outcome.replace('|', '/').replace('<', '&lt;')} |\n")
 
 
 def test_folder_corpus_through_a_real_explain_run(corpus, tmp_path):
