@@ -20,13 +20,14 @@ class SkippedItem:
     reason: str
 
 
-def _release_mapped_pages(images: np.ndarray) -> None:
+def release_mapped_pages(images: np.ndarray) -> None:
     """Pages of a read-only memory-mapped cache count in this process's resident memory once
     read: a pass over 50,000 CIFAR images would hold 150 MB, ImageNet-sized ones gigabytes.
     Give them back after each batch (the OS page cache keeps them, so reading again stays
     cheap), so that resident memory is one batch whatever the data set's size."""
     mm = getattr(images, "_mmap", None)
-    if mm is None or getattr(images, "mode", None) != "r" or not hasattr(mm, "madvise"):
+    # Shared maps only: on a private copy-on-write map ("c") this would drop changes.
+    if mm is None or getattr(images, "mode", None) not in ("r", "r+", "w+") or not hasattr(mm, "madvise"):
         return
     try:
         mm.madvise(mmap.MADV_DONTNEED)
@@ -120,7 +121,7 @@ class Dataset:
             chunk = idx[start:start + batch_size]
             # Fancy indexing copies, and turns a memmap slice into a plain array.
             batch = np.asarray(self.images[chunk])
-            _release_mapped_pages(self.images)
+            release_mapped_pages(self.images)
             yield chunk, batch
 
     def subset(self, indices) -> "Dataset":

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from flipback.data import cache, fingerprint
-from flipback.data.dataset import Dataset, SkippedItem
+from flipback.data.dataset import Dataset, SkippedItem, release_mapped_pages
 from flipback.data.progress import progress_bar
 from flipback.errors import DataError
 
@@ -261,6 +261,8 @@ def _decode_all(root, files, size, staging, pool, bar):
                 images[len(kept)] = arr
                 kept.append(i)
             bar.advance(task)
+        images.flush()
+        release_mapped_pages(images)  # written pages are in the file now: resident memory stays one chunk
     if not kept:
         raise _nothing_readable(root, files, reasons)
     if len(kept) < len(ok):
