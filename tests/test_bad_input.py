@@ -238,6 +238,7 @@ def test_folder_corpus_through_a_real_explain_run(corpus, tmp_path):
     assert by_reason["empty file"] == 2 and by_reason["wrong channels"] == 3
     # The end-of-run line counts the skipped images by reason.
     line = next(ln for ln in res.output.splitlines() if ln.startswith("skipped:"))
+    print(line)
     assert line.startswith(f"skipped: {len(skipped)} images (")
     for reason, n in by_reason.items():
         assert f"{reason}: {n}" in line
