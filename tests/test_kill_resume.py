@@ -56,7 +56,7 @@ def setup(tmp_path_factory):
 
 
 def _command(mode: str, d: Path, out: Path) -> list[str]:
-    common = ["--model", f"small_cnn:{d / 'net.th'}", "--out", str(out), "--batch-size", "8",
+    common = ["--model", f"small_cnn:{d / 'net.th'}", "--out", str(out), "--batch-size", "6",
               "--limit", str(LIMIT), "--seed", "3"]
     if mode == "white-box":  # the default minimal method, with per-image figures
         return [sys.executable, "-m", "flipback", "--quiet", "explain", "--data", str(d / "folder"), *common]
@@ -112,10 +112,10 @@ def _kill_and_resume(mode: str, d: Path, out: Path, cache: Path, rng: random.Ran
         try:
             if finished_s is not None:  # kill the resume of a finished run (summary and report writing)
                 time.sleep(rng.uniform(0.3, 1.0) * finished_s)
-            elif attempt % 2 == 0:  # a random moment in a run's life
-                time.sleep(rng.uniform(0.05, 0.9) * reference_s)
-            else:  # a random moment while images are being explained
-                want = _rows(out) + rng.randint(1, 2) * 8
+            elif attempt % 2 == 0:  # a random moment in a run's life (start-up takes about half of it)
+                time.sleep(rng.uniform(0.05, 0.6) * reference_s)
+            else:  # a random moment while images are being explained: after the next commit
+                want = _rows(out) + 6
                 deadline = time.monotonic() + 3 * reference_s
                 while proc.poll() is None and _rows(out) < want and time.monotonic() < deadline:
                     time.sleep(0.01)
@@ -154,7 +154,7 @@ def test_sigkill_at_random_moments_then_resume_gives_identical_results(mode, set
     at_kill = _kill_and_resume(mode, setup, killed, tmp_path / "cache-killed", rng, reference_s)
     assert len(at_kill) == KILLS_PER_MODE
     print(f"{mode}: {reference_s:.1f} s uninterrupted; results committed at each of the {len(at_kill)} kills: {at_kill}")
-    assert any(0 < n < LIMIT for n in at_kill), f"no kill landed while images were explained: {at_kill}"
+    assert sum(0 < n < LIMIT for n in at_kill) >= 3, f"too few kills landed while images were explained: {at_kill}"
 
     got = _final_state(killed)
     assert sorted(got) == sorted(expected)

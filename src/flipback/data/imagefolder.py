@@ -7,6 +7,8 @@ is one chunk whatever the folder size.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import stat
@@ -31,10 +33,10 @@ DEEP_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 CHUNK = 1024
 
 
-@dataclass
+@dataclass(slots=True)  # one per file, 50,000 of them in a big folder: keep them small
 class _File:
     name: str  # relative posix path, e.g. "cat/0001.jpg"
-    path: Path
+    path: str
     label: int
     size: int
     mtime_ns: int
@@ -45,11 +47,14 @@ def find_classes(root: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def _rel(path: Path, base: Path) -> str:
+def _display(name: str) -> str:
     """The name shown for a file. Bytes that are not UTF-8 show as U+FFFD, so that every name
     can be written to JSON, HTML and the terminal (the file itself is opened by its path)."""
-    name = path.relative_to(base).as_posix()
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _rel(path: Path, base: Path) -> str:
+    return _display(path.relative_to(base).as_posix())
 
 
 def list_files(root: Path, classes: list[str], base: Path) -> tuple[list[_File], list[SkippedItem]]:
@@ -79,9 +84,10 @@ def list_files(root: Path, classes: list[str], base: Path) -> tuple[list[_File],
             for d in sorted(d for d in dirnames if d.startswith(".")):
                 left_out.append(SkippedItem(_rel(here / d, base) + "/", "hidden folder"))
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            prefix = _rel(here, base)
             for fn in filenames:
-                p = here / fn
-                name = _rel(p, base)
+                p = os.path.join(dirpath, fn)
+                name = _display(f"{prefix}/{fn}" if prefix != "." else fn)
                 ext = os.path.splitext(fn)[1].lower()
                 if fn.startswith("."):
                     left_out.append(SkippedItem(name, "hidden file"))
@@ -90,7 +96,7 @@ def list_files(root: Path, classes: list[str], base: Path) -> tuple[list[_File],
                     left_out.append(SkippedItem(name, f"not an image file: extension '{ext}'"))
                     continue
                 try:
-                    st = p.stat()
+                    st = os.stat(p)
                     size, mtime = st.st_size, st.st_mtime_ns
                     if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
                         left_out.append(SkippedItem(name, "not a regular file"))
@@ -151,13 +157,12 @@ def _decode_one(path: Path, size: tuple[int, int], mode: str) -> np.ndarray | st
 
 
 def _folder_fingerprint(root: Path, classes: list[str], files: list[_File], size) -> str:
-    return fingerprint.of_json({
-        "kind": "imagefolder",
-        "cache_version": cache.CACHE_VERSION,
-        "classes": classes,
-        "size": list(size) if size else None,
-        "files": [[f.name, f.size, f.mtime_ns] for f in files],
-    })
+    # Hashed file by file: a JSON of the whole listing would be one more copy of it in memory.
+    h = hashlib.sha256(json.dumps({"kind": "imagefolder", "cache_version": cache.CACHE_VERSION, "classes": classes,
+                                   "size": list(size) if size else None}, sort_keys=True).encode())
+    for f in files:
+        h.update(json.dumps([f.name, f.size, f.mtime_ns]).encode())
+    return fingerprint.digest(h)
 
 
 def load_image_folder(root: Path, *, cache_dir=None, workers: int | None = None,
