@@ -2,10 +2,10 @@
 moments and resumed each time. Its final results must be identical to an uninterrupted run
 with the same seed, and its total queries no higher (issue 6).
 
-Half of the kills fall at a random time after the start (so some land while Python starts,
-the image cache is built, the model loads or the errors are found); the other half wait for
-a random number of committed batches and then a random few milliseconds more, so that they
-land while images are being explained, figures written and batches committed.
+A third of the kills fall at a random time after the start (so some land while Python
+starts, the image cache is built, the model loads or the errors are found); the others wait
+for the next committed batch and then a random few milliseconds more, so that they land
+while images are being explained, figures written and batches committed.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def setup(tmp_path_factory):
 
 
 def _command(mode: str, d: Path, out: Path) -> list[str]:
-    common = ["--model", f"small_cnn:{d / 'net.th'}", "--out", str(out), "--batch-size", "6",
+    common = ["--model", f"small_cnn:{d / 'net.th'}", "--out", str(out), "--batch-size", "3",
               "--limit", str(LIMIT), "--seed", "3"]
     if mode == "white-box":  # the default minimal method, with per-image figures
         return [sys.executable, "-m", "flipback", "--quiet", "explain", "--data", str(d / "folder"), *common]
@@ -112,14 +112,15 @@ def _kill_and_resume(mode: str, d: Path, out: Path, cache: Path, rng: random.Ran
         try:
             if finished_s is not None:  # kill the resume of a finished run (summary and report writing)
                 time.sleep(rng.uniform(0.3, 1.0) * finished_s)
-            elif attempt % 2 == 0:  # a random moment in a run's life (start-up takes about half of it)
+            elif attempt % 3 == 0:  # a random moment in a run's life (start-up takes about half of it)
                 time.sleep(rng.uniform(0.05, 0.6) * reference_s)
-            else:  # a random moment while images are being explained: after the next commit
-                want = _rows(out) + 6
+            else:  # a random moment while images are being explained: just after the next commit,
+                # soon enough that a fast machine has not finished the run meanwhile
+                want = _rows(out) + 3
                 deadline = time.monotonic() + 3 * reference_s
                 while proc.poll() is None and _rows(out) < want and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                time.sleep(rng.uniform(0, 0.15))
+                    time.sleep(0.005)
+                time.sleep(rng.uniform(0, 0.03))
         finally:
             alive = proc.poll() is None
             if alive:
