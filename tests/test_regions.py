@@ -184,3 +184,15 @@ def test_black_box_removal_is_measured_on_the_surrogate_and_verified_by_the_targ
     assert (r.queries < 16).all()
     assert target.queries == int(r.queries.sum())
     assert (model(r.corrected).argmax(1) == 1).all()
+
+
+def test_a_budget_too_small_to_measure_every_region_grows_regions_within_it():
+    # 16 regions to measure do not fit in 12 queries: the method grows regions instead.
+    x = torch.zeros(2, 1, H, W)
+    x[:, :, 4:8, 8:12] = 1.0
+    y = torch.ones(2, dtype=torch.long)
+    target = WhiteBoxTarget(Patches({(1, 2): -1.0}, bias=-8.0), 2)
+    r = RegionsAttack(segmentation="grid", n_segments=16, max_queries=12, pixel_steps=2).run(target, x, y)
+    assert r.success.all()
+    assert (r.queries <= 12).all() and target.queries == int(r.queries.sum())
+    assert (r.regions[:, 4:8, 8:12] == 1).all()

@@ -1,27 +1,38 @@
-"""flipback's region-level corrective method: the fewest image regions inside which a
-bounded change makes the model right.
+"""flipback's region-level corrective method: the fewest image regions whose change makes
+the model right, verified as 8-bit images.
 
-The image is split into regions (SLIC superpixels or a grid, see `segments`). The search
-grows a set of regions one at a time. The next region is the one where a change bounded
-by `eps` (L-inf) buys the most margin to first order: the sum over its pixels of
-|gradient| times the room left to move. Signed-gradient steps (of size eps/2) act only
-inside the chosen regions; after `steps_per_region` steps without success, the next
-region joins. So an error with one cause is fixed inside one region, and the regions that
-were needed are the explanation.
+The image is split into regions (SLIC superpixels, about one per 10 pixels, or a grid; see
+`segments`). Inside a chosen region the change is, by default, a removal: each value moves
+toward a local blur of the image (`change="remove"`); `change="free"` allows any change
+within +-eps instead.
 
-Once corrected, the regions are pruned (the one that contributes least is taken back while
-the image stays corrected), the change is shrunk by bisection on its scale, and the kept
-regions are ranked by their first-order contribution to the margin, g . delta over the
-region, at the corrected point.
+1. Measure (`scoring="removal"`): the true label's margin with each region alone changed,
+   one query per region, like occlusion but on the regions and on the margin.
+2. Fewest regions: all regions that helped, together (one query); then a bisection on how
+   many of them, in order of measured effect, are needed.
+3. Images still wrong, or all of them with `scoring="gradient"` (a query-frugal mode, also
+   used when the budget cannot pay for step 1): grow the set one region at a time, the next
+   being the one whose bounded change buys the most margin to first order; signed-gradient
+   steps act inside the chosen regions, and a region joins after `steps_per_region` steps
+   without success.
+4. Once corrected: prune regions (the least contributing is taken back while the image stays
+   corrected), then find the fewest pixels by two bisections, along the pixels' first-order
+   gains within the correction and over the whole image; with `change="free"`, shrink the
+   change by a bisection on its scale.
 
-White-box: every step is one counted gradient query, which also verifies the candidate.
+The result carries the regions ranked by the margin each gained (`regions`), each pixel's
+gain (`importance`) and a ranking of all pixels for faithfulness metrics (`order`).
+
+White-box: every evaluation of a modified image is a counted query; a gradient query also
+verifies its candidate. The black-box version (`transfer.RegionsTransferAttack`) measures
+and steps on the surrogate for free and asks the target only to verify candidates.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..targets.whitebox import WhiteBoxTarget, margin, smooth_margin
+from ..targets.whitebox import margin, smooth_margin
 from .base import MIN_MARGIN, AttackResult, CorrectiveAttack, to_grid
 from .segments import segment
 
@@ -147,7 +158,8 @@ class RegionsAttack(CorrectiveAttack):
         start_grad = g.clone()
         # The whole change a region allows: all the way to the blur, or eps along the gradient.
         full = hi + lo if self.change == "remove" else torch.maximum(torch.minimum(2 * size * g.sign(), hi), lo)
-        if self.scoring == "removal":
+        affordable = not self._counts_guidance() or s + 1 + self.region_steps <= self.max_queries - self._reserve()
+        if self.scoring == "removal" and affordable:
             effect = self._measure_regions(target, x0, labels, full, onehot, queries)
             self._fewest_regions(target, x0, labels, full, onehot, effect, selected, delta, corrected, success,
                                  logits, queries)
