@@ -196,3 +196,32 @@ def test_a_budget_too_small_to_measure_every_region_grows_regions_within_it():
     assert r.success.all()
     assert (r.queries <= 12).all() and target.queries == int(r.queries.sum())
     assert (r.regions[:, 4:8, 8:12] == 1).all()
+
+
+def test_per_image_fallback_keeps_the_region_maps():
+    """When a batch fails and is redone image by image, the regions survive; a failed image
+    gets empty maps."""
+    from flipback.runs.explain_run import _attack_batch
+
+    x = torch.zeros(3, 1, H, W)
+    x[:, :, 4:8, 8:12] = 1.0
+    y = torch.ones(3, dtype=torch.long)
+    model = Patches({(1, 2): -1.0}, bias=-8.0)
+    attack = RegionsAttack(segmentation="grid", n_segments=16)
+
+    class Session:
+        num_classes = 2
+
+        def attack(self, xb, yb, idx):
+            if len(xb) > 1 or int(idx[0]) == 1:
+                raise RuntimeError("broken image")
+            return attack.run(WhiteBoxTarget(model, 2), xb, yb)
+
+        def spent(self):
+            return 0
+
+    result, errors, _ = _attack_batch(Session(), x, y, np.arange(3))
+    assert result.success.tolist() == [True, False, True]
+    assert errors[1].startswith("RuntimeError") and errors[0] is None
+    assert result.regions.shape == (3, H, W) and result.order.shape == (3, H, W)
+    assert (result.regions[[0, 2], 4:8, 8:12] == 1).all() and (result.regions[1] == 0).all()

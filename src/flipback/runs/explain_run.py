@@ -205,8 +205,20 @@ def _attack_batch(session: Session, x: torch.Tensor, y: torch.Tensor, idx: np.nd
             results.append(failed)
             errors.append(f"{type(exc).__name__}: {exc}")
             retry.append(transient)
+    return _concat(results), errors, retry
+
+
+def _concat(results: list[AttackResult]) -> AttackResult:
+    """One result from per-image ones; a region method's maps are kept, zero for failed images."""
+    extras = {}
+    for f in ("regions", "importance", "order"):
+        parts = [getattr(r, f) for r in results]
+        like = next((p for p in parts if p is not None), None)
+        if like is not None:
+            extras[f] = torch.cat([p if p is not None else torch.zeros((1, *like.shape[1:]), dtype=like.dtype)
+                                   for p in parts])
     return AttackResult(*(torch.cat([getattr(r, f) for r in results]) for f in
-                          ("corrected", "success", "queries", "logits"))), errors, retry
+                          ("corrected", "success", "queries", "logits")), **extras)
 
 
 def problem_lines(summary: dict) -> list[str]:
