@@ -52,3 +52,23 @@ def test_planted_bench_writes_every_method_and_variant(tmp_path):
 def test_unknown_baseline_is_one_clear_error(tmp_path):
     r = CliRunner().invoke(app, ["bench", "faithfulness", "--out", str(tmp_path), "--baselines", "lime"])
     assert r.exit_code == 2 and "unknown baseline 'lime'" in r.output
+
+
+def test_real_errors_bench_scores_deletion_only(tmp_path):
+    import torch
+
+    from flipback.targets.zoo import SmallCNN
+
+    data = _folder(tmp_path / "data", n_train=2, n_test=20)
+    torch.manual_seed(0)
+    torch.save(SmallCNN(3).state_dict(), tmp_path / "w.th")  # untrained: plenty of errors
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["--quiet", "bench", "faithfulness", "--real", "--data", str(data), "--model",
+                                 f"small_cnn:{tmp_path / 'w.th'}", "--out", str(out), "--limit", "8",
+                                 "--baselines", "saliency"])
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["kind"] == "real" and s["n_images"] == 8 and s["n_errors"] >= 8
+    assert "pointing" not in s["methods"]["flipback-regions"]
+    assert set(s["verdict"]) == {"deletion_auc"}
+    assert "masks" not in np.load(out / "maps.npz")

@@ -132,7 +132,8 @@ def _real_images(data: str | None, model: str | None, limit: int, show_progress:
         raise FlipbackError("--real needs --data and --model", hint="e.g. --data cifar10 --model cifar_resnet20:w.th")
     test = load_dataset(data, split="test", progress=show_progress)
     net = load_model(model, test.num_classes).module.eval()
-    preds = predict_dataset(lambda t: net(t).detach(), test, show_progress=show_progress)
+    with torch.no_grad():
+        preds = predict_dataset(net, test, show_progress=show_progress)
     idx = preds.misclassified[:limit]
     if len(idx) == 0:
         raise FlipbackError("the model makes no errors on this data: nothing to explain")
