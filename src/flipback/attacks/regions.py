@@ -52,9 +52,9 @@ def local_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """Each channel Gaussian-blurred over H and W (reflecting borders), on the 8-bit grid."""
     from scipy import ndimage
 
-    x = images.detach().double().numpy()
+    x = images.detach().to("cpu", torch.float64).numpy()
     out = ndimage.gaussian_filter(x, sigma=(0.0, 0.0, float(sigma), float(sigma)), mode="reflect")
-    return to_grid(torch.from_numpy(out).to(images.dtype), "uint8")
+    return to_grid(torch.from_numpy(out), "uint8").to(images.device, images.dtype)
 
 
 def change_bounds(x0: torch.Tensor, change: str, eps: float, sigma: float):

@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 
+from ..attacks.regions import local_blur
 from .regions import change_magnitude
 
 #: Default blur of ``neutral_images``, in pixels: strong enough that a small planted patch
@@ -99,9 +99,8 @@ def neutral_images(images: torch.Tensor, sigma: float = NEUTRAL_SIGMA) -> torch.
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
-    x = images.detach().to("cpu", torch.float64).numpy()
-    blurred = ndimage.gaussian_filter(x, sigma=(0.0, 0.0, float(sigma), float(sigma)), mode="reflect")
-    return to_8bit(torch.from_numpy(blurred)).to(images.device, images.dtype)
+    # The blur the `regions` method removes toward, so its corrections are exactly deletions.
+    return local_blur(images, sigma)
 
 
 def change_map(original: torch.Tensor, corrected: torch.Tensor) -> torch.Tensor:
