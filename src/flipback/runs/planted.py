@@ -19,7 +19,7 @@ from ..data import Dataset
 from ..data.planted import Cue, PlantedErrors, cued_test_images, poison, select
 from ..targets.loading import load_model
 from ..targets.zoo import ZOO, Normalized
-from .errors import predict_dataset, to_tensor
+from .errors import to_tensor
 from .train import fit, model_cache_dir, save_weights
 
 POISON_FRACTION = 0.1
@@ -65,17 +65,12 @@ def _train(base: str | None, ds: Dataset, out: Path, show_progress: bool, log) -
     return spec
 
 
-def _accuracy(spec: str, ds: Dataset, images: np.ndarray | None = None, labels: np.ndarray | None = None) -> float:
-    net = load_model(spec, ds.num_classes).module.eval()
-
-    @torch.no_grad()
-    def scores(x):
-        return net(x)
-
-    if images is None:
-        return predict_dataset(scores, ds, show_progress=False).accuracy
-    preds = np.concatenate([scores(to_tensor(images[i:i + 500])).argmax(1).numpy() for i in range(0, len(images), 500)])
-    return float((preds == labels).mean())
+def _predict(spec: str, num_classes: int, images: np.ndarray) -> np.ndarray:
+    """The model's top-1 answers on (N,H,W,C) uint8 images, 500 at a time."""
+    net = load_model(spec, num_classes).module.eval()
+    with torch.no_grad():
+        return np.concatenate([net(to_tensor(np.array(images[i:i + 500]))).argmax(1).numpy()
+                               for i in range(0, len(images), 500)])
 
 
 def planted_models(train: Dataset, test: Dataset, cue: Cue, *, base: str | None = None,
@@ -90,18 +85,17 @@ def planted_models(train: Dataset, test: Dataset, cue: Cue, *, base: str | None 
     uncued = _train(base, train, root / f"{arch}-uncued-{tag}.th", show_progress, log)
     cued = _train(base, poison(train, cue, fraction=POISON_FRACTION), root / f"{arch}-cued-{tag}.th",
                   show_progress, log)
-    errors = cued_test_images(test, cue)
-    hit = _accuracy(cued, test, errors.images, np.full(len(errors.labels), cue.target))
-    return PlantedModels(cued, uncued, _accuracy(cued, test), _accuracy(uncued, test), hit)
+    k = test.num_classes
+    hit = float((_predict(cued, k, cued_test_images(test, cue).images) == cue.target).mean())
+    return PlantedModels(cued, uncued, float((_predict(cued, k, test.images) == test.labels).mean()),
+                         float((_predict(uncued, k, test.images) == test.labels).mean()), hit)
 
 
 def planted_errors(models: PlantedModels, test: Dataset, cue: Cue) -> PlantedErrors:
     """Cued test images the cued model gets right without the cue and wrong with it: the cue
     is then the cause of the error."""
     errors = cued_test_images(test, cue)
-    net = load_model(models.cued, test.num_classes).module.eval()
-    with torch.no_grad():
-        pred = lambda a: np.concatenate([net(to_tensor(a[i:i + 500])).argmax(1).numpy()  # noqa: E731
-                                         for i in range(0, len(a), 500)])
-        keep = (pred(errors.clean) == errors.labels) & (pred(errors.images) == cue.target)
+    k = test.num_classes
+    keep = (_predict(models.cued, k, errors.clean) == errors.labels) & \
+        (_predict(models.cued, k, errors.images) == cue.target)
     return select(errors, np.flatnonzero(keep))
