@@ -16,3 +16,16 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def proxy(server):
+    """A fault-injecting proxy (tests/servers/fault_proxy.py) in front of the module's
+    `server` fixture, a real model server process."""
+    from servers.fault_proxy import FaultProxy
+
+    p = FaultProxy(server.port)
+    try:
+        yield p
+    finally:
+        p.close()

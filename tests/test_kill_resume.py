@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flipback.targets.surrogate import Surrogate, build_surrogate, save_surrogate
+from random_models import save_random_surrogate
 from flipback.targets.zoo import SmallCNN
 
 KILLS_PER_MODE = 11  # 22 in all
@@ -41,11 +41,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("kill")
     torch.manual_seed(0)
     torch.save(SmallCNN(10).state_dict(), d / "net.th")
-    torch.manual_seed(1)
-    meta = {"arch": "surrogate_cnn", "width": 8, "num_classes": 10, "input_shape": [1, 28, 28],
-            "classes": [str(i) for i in range(10)], "queries": 0, "held_out": 0, "agreement": 0.0,
-            "output": "scores", "epochs": 0, "target": "", "seed": 1}
-    save_surrogate(Surrogate(build_surrogate(10, 1, 8).eval(), meta), d / "sur.th")
+    save_random_surrogate(d / "sur.th")
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (200, 28, 28), dtype=np.uint8), rng.integers(0, 10, 200)
     np.savez(d / "data.npz", images=images, labels=labels)

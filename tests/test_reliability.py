@@ -24,7 +24,7 @@ from flipback.runs import explain_run
 from flipback.runs.session import Session
 from flipback.store import RunStore
 from flipback.targets.blackbox import TargetError
-from flipback.targets.surrogate import Surrogate, build_surrogate, save_surrogate
+from random_models import save_random_surrogate
 
 runner = CliRunner()
 
@@ -128,11 +128,7 @@ def test_black_box_images_that_fail_keep_the_queries_they_spent(data, tmp_path, 
     (tmp_path / "nan_target.py").write_text(CALLABLE)
     log = tmp_path / "evals.log"
     monkeypatch.setenv("EVAL_LOG", str(log))
-    torch.manual_seed(1)
-    meta = {"arch": "surrogate_cnn", "width": 8, "num_classes": 10, "input_shape": [1, 28, 28],
-            "classes": [str(i) for i in range(10)], "queries": 0, "held_out": 0, "agreement": 0.0,
-            "output": "scores", "epochs": 0, "target": "", "seed": 1}
-    sur = save_surrogate(Surrogate(build_surrogate(10, 1, 8).eval(), meta), tmp_path / "sur.th")
+    sur = save_random_surrogate(tmp_path / "sur.th")
     out = tmp_path / "run"
     res = invoke("explain", "--mode", "black-box", "--method", "fast", "--budget", 5, "--surrogate", sur,
                  "--model", f"python:{tmp_path / 'nan_target.py'}:predict", "--data", data, "--out", out,

@@ -28,12 +28,11 @@ pytest.importorskip("kserve")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient.http")
 
-from servers.fault_proxy import FaultProxy  # noqa: E402
 from servers.kserve_process import ServerProcess  # noqa: E402
 
 from flipback.cli import app  # noqa: E402
 from flipback.targets.export import export_onnx  # noqa: E402
-from flipback.targets.surrogate import Surrogate, build_surrogate, save_surrogate  # noqa: E402
+from random_models import save_random_surrogate  # noqa: E402
 from flipback.targets.zoo import Normalized, SmallCNN  # noqa: E402
 
 BUDGET, LIMIT = 4, 16
@@ -45,11 +44,7 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("served")
     torch.manual_seed(0)
     onnx = export_onnx(Normalized(SmallCNN(10), (0.5,), (0.5,)).eval(), d / "small.onnx", (1, 28, 28))
-    torch.manual_seed(1)
-    meta = {"arch": "surrogate_cnn", "width": 8, "num_classes": 10, "input_shape": [1, 28, 28],
-            "classes": [str(i) for i in range(10)], "queries": 0, "held_out": 0, "agreement": 0.0,
-            "output": "scores", "epochs": 0, "target": "", "seed": 1}
-    save_surrogate(Surrogate(build_surrogate(10, 1, 8).eval(), meta), d / "sur.th")
+    save_random_surrogate(d / "sur.th")
     rng = np.random.default_rng(0)
     np.savez(d / "data.npz", images=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
              labels=rng.integers(0, 10, 40))
@@ -65,15 +60,6 @@ def server(files, tmp_path_factory):
         yield srv.start()
     finally:
         srv.stop()
-
-
-@pytest.fixture
-def proxy(server):
-    p = FaultProxy(server.port)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def args(files, url, out, *extra):
@@ -225,9 +211,7 @@ def test_not_ready_or_mismatched_server_is_one_clear_error_before_any_work(files
     np.savez(d / "eleven.npz", images=np.zeros((4, 28, 28), np.uint8), labels=np.arange(4),
              classes=np.array([str(i) for i in range(11)]))
     sur = d / "sur11.th"
-    meta = {"arch": "surrogate_cnn", "width": 8, "num_classes": 11, "input_shape": [1, 28, 28], "queries": 0,
-            "held_out": 0, "agreement": 0.0, "output": "scores", "epochs": 0, "target": "", "seed": 1}
-    save_surrogate(Surrogate(build_surrogate(11, 1, 8).eval(), meta), sur)
+    save_random_surrogate(sur, 11, with_classes=False)
     res = CliRunner().invoke(app, ["explain", "--mode", "black-box", "--surrogate", str(sur), "--model",
                                    proxy.url("cnn"), "--data", str(d / "eleven.npz"), "--out", str(tmp_path / "b")])
     assert res.exit_code == 2 and "returns 10 scores per image but the data set has 11 classes" in res.output

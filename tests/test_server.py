@@ -13,7 +13,6 @@ pytest.importorskip("kserve")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tritonclient.http")
 
-from servers.fault_proxy import FaultProxy  # noqa: E402
 from servers.kserve_process import ServerProcess  # noqa: E402
 
 from flipback.errors import ModelError  # noqa: E402
@@ -45,15 +44,6 @@ def server(onnx_model, tmp_path_factory):
         yield srv
     finally:
         srv.stop()
-
-
-@pytest.fixture
-def proxy(server):
-    p = FaultProxy(server.port)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture(scope="module")
