@@ -138,6 +138,15 @@ def _mass_threshold(heat: np.ndarray, mass: float) -> float:
     return float(flat[k])
 
 
+def _centroid(ys: np.ndarray, xs: np.ndarray, inside: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    """(y, x) of the pixels `inside`, weighted by `weights`; the plain mean where they sum to 0."""
+    w = weights[inside]
+    wsum = float(w.sum())
+    if wsum > 0:
+        return float((ys[inside] * w).sum() / wsum), float((xs[inside] * w).sum() / wsum)
+    return float(ys[inside].mean()), float(xs[inside].mean())
+
+
 def _regions_for_image(
     heat: np.ndarray, mag: np.ndarray, *, max_regions: int, mass: float
 ) -> tuple[list[Region], np.ndarray]:
@@ -168,21 +177,13 @@ def _regions_for_image(
         inside = labels == lab
         region_map[inside] = rank
         area = int(inside.sum())
-        weights = mag[inside]
-        wsum = float(weights.sum())
-        if wsum > 0:
-            cy = float((ys[inside] * weights).sum() / wsum)
-            cx = float((xs[inside] * weights).sum() / wsum)
-        else:
-            cy = float(ys[inside].mean())
-            cx = float(xs[inside].mean())
         regions.append(
             Region(
                 id=rank,
                 bbox=(int(sl[0].start), int(sl[1].start), int(sl[0].stop), int(sl[1].stop)),
                 area=area,
                 share=float(mag_sums[i] / total),
-                centroid=(cy, cx),
+                centroid=_centroid(ys, xs, inside, mag),
             )
         )
     return regions, region_map
@@ -200,13 +201,11 @@ def ranked_regions(ranks: np.ndarray, gain: np.ndarray) -> tuple[list[Region], n
         inside = ranks == k
         if not inside.any():
             continue
-        w = gain[inside]
-        wsum = float(w.sum())
-        cy, cx = ((float((ys[inside] * w).sum() / wsum), float((xs[inside] * w).sum() / wsum)) if wsum > 0
-                  else (float(ys[inside].mean()), float(xs[inside].mean())))
+        wsum = float(gain[inside].sum())
         rows, cols = np.nonzero(inside)
         regions.append(Region(id=k, bbox=(int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1),
-                              area=int(inside.sum()), share=wsum / total if total > 0 else 0.0, centroid=(cy, cx)))
+                              area=int(inside.sum()), share=wsum / total if total > 0 else 0.0,
+                              centroid=_centroid(ys, xs, inside, gain)))
     return regions, ranks.astype(np.int32)
 
 
