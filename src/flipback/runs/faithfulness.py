@@ -28,8 +28,7 @@ from ..data import fashion_mnist_dir, load_dataset
 from ..data.planted import Cue
 from ..errors import DataError, FlipbackError
 from ..explain.attribution import BASELINES, VARIANTS, attribute
-from ..explain.metrics import deletion_to_correct, pointing_game, topk_precision
-from ..explain.regions import change_magnitude
+from ..explain.metrics import change_map, deletion_to_correct, pointing_game, topk_precision
 from ..targets.loading import load_model
 from ..targets.whitebox import WhiteBoxTarget
 from .errors import predict_dataset, to_tensor
@@ -62,7 +61,7 @@ def flipback_maps(method: str, target: WhiteBoxTarget, x: torch.Tensor, y: torch
             m = r.order
         else:
             r = MinimalAttack().run(target, x[sl], y[sl])
-            m = torch.from_numpy(change_magnitude((r.corrected - x[sl]).permute(0, 2, 3, 1).numpy())).float()
+            m = change_map(x[sl], r.corrected)
         stats["success"].append(r.success)
         stats["queries"].append(r.queries)
         return m
