@@ -225,3 +225,53 @@ def test_per_image_fallback_keeps_the_region_maps():
     assert errors[1].startswith("RuntimeError") and errors[0] is None
     assert result.regions.shape == (3, H, W) and result.order.shape == (3, H, W)
     assert (result.regions[[0, 2], 4:8, 8:12] == 1).all() and (result.regions[1] == 0).all()
+
+
+class Interaction(torch.nn.Module):
+    """Two classes; logit1 - logit0 = -1 + 2a + b - 2ab + 0.2c, where a, b and c are the shares
+    of cells A (0, 0), B (3, 3) and C (1, 2) blurred away (0 at `x0`, 1 at `blur`). B helps
+    alone, but hurts once more than half of A is gone."""
+
+    def __init__(self, x0, blur):
+        super().__init__()
+        self.register_buffer("x0", x0[:1])
+        self.register_buffer("away", x0[:1] - blur[:1])
+
+    def share(self, x, r, c):
+        cell = (slice(None), slice(None), slice(4 * r, 4 * r + 4), slice(4 * c, 4 * c + 4))
+        return (self.x0 - x)[cell].flatten(1).sum(1) / self.away[cell].flatten(1).sum(1)
+
+    def forward(self, x):
+        a, b, c = self.share(x, 0, 0), self.share(x, 3, 3), self.share(x, 1, 2)
+        s = -1 + 2 * a + b - 2 * a * b + 0.2 * c
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+@pytest.mark.parametrize("max_queries", [250, 40])
+def test_after_the_change_regions_rank_by_their_effect_on_top_of_it(max_queries):
+    from flipback.attacks.regions import local_blur
+
+    x = torch.zeros(2, 1, H, W)
+    for r, c in ((0, 0), (3, 3), (1, 2)):
+        x[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = 1.0
+    y = torch.ones(2, dtype=torch.long)
+    target = WhiteBoxTarget(Interaction(x, local_blur(x, 4.0)), 2)
+    r = RegionsAttack(segmentation="grid", n_segments=16, max_queries=max_queries).run(target, x, y)
+    assert r.success.all()
+    assert (r.queries <= max_queries).all() and target.queries == int(r.queries.sum())
+    changed = (r.corrected - x).abs().sum(1) > 0
+    assert not changed[:, 4:].any() and not changed[:, :, 4:].any()  # only A: more than half of it (2a > 1)
+    assert (changed.flatten(1).sum(1) < 16).all()
+    ranks = r.order.flatten(1).argsort(dim=1, descending=True).argsort(dim=1).view(2, H, W)  # 0 = first
+    a_rest, b_cell, c_cell = ranks[:, :4, :4][~changed[:, :4, :4]].view(2, -1), ranks[:, 12:, 12:], ranks[:, 4:8, 8:12]
+    n = changed.flatten(1).sum(1)
+    # The changed pixels first, then the rest of A (on top of the change, it still adds 2(1 - a)).
+    assert (ranks.flatten(1)[changed.flatten(1)].view(2, -1) < n[:, None]).all()
+    assert (a_rest < 16).all()
+    if max_queries == 250:
+        # Measured on top of the change, B would undo it (1 - 2a < 0): C goes before it and B last.
+        assert (c_cell.flatten(1).max(1).values < b_cell.flatten(1).min(1).values).all()
+        assert (b_cell >= H * W - 16).all()
+    else:
+        # Too few queries left to measure again: the effects on the original image (B 1 > C 0.2).
+        assert (b_cell.flatten(1).max(1).values < c_cell.flatten(1).min(1).values).all()

@@ -20,6 +20,12 @@ within +-eps instead.
    gains within the correction and over the whole image; with `change="free"`, shrink the
    change by a bisection on its scale.
 
+5. Explain (white-box, one gradient query at the corrected image; with `scoring="removal"`,
+   one more query per region that has change left): each changed pixel's gain is a two-point
+   integrated gradient along the change; each region's effect is measured again on top of the
+   verified correction, so that the pixels the explanation ranks after the change are those
+   whose removal keeps the image corrected, and those that would undo it come last.
+
 The result carries the regions ranked by the margin each gained (`regions`), each pixel's
 gain (`importance`) and a ranking of all pixels for faithfulness metrics (`order`).
 
@@ -208,6 +214,15 @@ class RegionsAttack(CorrectiveAttack):
             # The regions are those the final correction touches.
             selected[done] = region_scores(delta[done].abs(), onehot[done]) > 0
             self._shrink(target, labels, x0, delta, done, corrected, logits, queries)
+            if self._counts_guidance():
+                # The gradient at the final correction, one counted query: the far end of the path.
+                # (A black-box version keeps its surrogate's gradient at its last step.)
+                ends = done[queries[done] < self.max_queries]
+                if len(ends):
+                    final_grad[ends] = target.gradient(corrected[ends], labels[ends], smooth_margin)[1].to(x0)
+                    queries[ends] += 1
+            if self.scoring == "removal" and affordable:
+                self._measure_after(target, labels, corrected, full - delta, onehot, done, queries, region_effect)
         # Each pixel's share of the margin gained: its change times the mean of the gradients at
         # both ends of the path (a two-point integrated gradient along x0 -> x0 + delta).
         pixel_gain = (delta * (start_grad + final_grad) / 2).sum(1, keepdim=True)
@@ -232,6 +247,26 @@ class RegionsAttack(CorrectiveAttack):
             effect[rows, r] = self._margins(target, x, labels[rows]) - base[rows]
             queries[rows] += 1 if self._counts_guidance() else 0
         return effect
+
+    def _measure_after(self, target, labels, corrected, rest, onehot, idx, queries, region_effect) -> None:
+        """Re-measure, on top of the verified correction, each region's effect: the margin
+        gained when the rest of its change is added to the corrected image; one query per
+        region that has change left, for the images whose budget pays for all of them.
+        `region_effect` (n, H, W) takes the new values, so that the pixels the explanation adds
+        after the correction keep it corrected where they can. Images the budget cannot pay
+        for keep the effects measured on the original image."""
+        left = onehot[idx] * (rest[idx].abs().sum(1).flatten(1) > 0)[:, :, None].float()
+        need = (left.sum(1) > 0).sum(1)
+        fits = need <= self.max_queries - queries[idx] if self._counts_guidance() else torch.ones_like(need, dtype=torch.bool)
+        rows = idx[fits]
+        if len(rows) == 0:
+            return
+        q = queries[rows].clone()
+        effect = self._measure_regions(target, corrected[rows], labels[rows], rest[rows], left[fits], q)
+        queries[rows] = q
+        # Regions with no change left (wholly inside the correction) were not asked: 0.
+        effect = torch.where(torch.isfinite(effect), effect, torch.zeros_like(effect))
+        region_effect[rows] = torch.bmm(onehot[rows], effect[:, :, None]).squeeze(2).view(len(rows), *region_effect.shape[1:])
 
     def _counts_guidance(self) -> bool:
         """Whether the guiding evaluations are target queries (white-box) or free (surrogate)."""
@@ -348,8 +383,9 @@ class RegionsAttack(CorrectiveAttack):
 def explanation_order(changed: torch.Tensor, gain: torch.Tensor, region_effect: torch.Tensor,
                       potential: torch.Tensor) -> torch.Tensor:
     """(N,H,W) scores that rank the pixels, highest first: every pixel the correction changed,
-    by the margin it gained; then the others, by the measured effect of their region and,
-    within a region, by the first-order gain of their own change."""
+    by the margin it gained; then the others, by the measured effect of their region (the
+    `regions` method measures it on top of the correction where its budget allows) and, within
+    a region, by the first-order gain of their own change."""
     n = len(changed)
     flat = lambda t: t.reshape(n, -1)  # noqa: E731
     # A lexicographic order by (changed, gain or region effect, potential): stable sorts from
