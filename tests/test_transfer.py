@@ -98,7 +98,7 @@ def test_surrogate_learns_a_simple_target_from_its_answers(tmp_path):
 
     ds = Dataset(images, labels, ["a", "b"], [f"i{i}" for i in range(n)], source="mem", fingerprint="x")
     target = from_module(Bright(), 2, output="scores", budget=600)
-    s = train_surrogate(target, ds, 600, width=8, epochs=30, flip=False)
+    s = train_surrogate(target, ds, 600, members="cnn8", epochs=30, flip=False)
     assert target.queries == 600 and s.meta["queries"] == 600 and s.meta["output"] == "scores"
     assert s.meta["agreement"] >= 0.8
     path = save_surrogate(s, tmp_path / "s.th")
@@ -106,6 +106,50 @@ def test_surrogate_learns_a_simple_target_from_its_answers(tmp_path):
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(again.module(x), s.module(x))
+
+
+def test_ensemble_members_share_the_answers_and_average_their_logits(tmp_path):
+    from flipback.data import Dataset
+    from flipback.targets.surrogate import SurrogateEnsemble
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (120, 8, 8, 1), dtype=np.uint8)
+    ds = Dataset(images, np.zeros(120, dtype=np.int64), ["a", "b"], [f"i{i}" for i in range(120)],
+                 source="mem", fingerprint="y")
+    target = from_module(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2)), 2, output="label",
+                         budget=100)
+    s = train_surrogate(target, ds, 100, members="cnn8,resnet8", epochs=2, flip=False)
+    # Both members learn from the same 100 answers: more members cost training time, not queries.
+    assert target.queries == 100 and s.meta["queries"] == 100
+    assert s.meta["members"] == ["cnn8", "resnet8"] and len(s.meta["member_agreement"]) == 2
+    assert isinstance(s.module, SurrogateEnsemble)
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        mean = (s.module.members[0](x) + s.module.members[1](x)) / 2
+        assert torch.allclose(s.module(x), mean)
+        assert torch.allclose(load_surrogate(save_surrogate(s, tmp_path / "e.th")).module(x), mean)
+
+
+def test_a_surrogate_file_from_before_ensembles_still_loads(tmp_path):
+    from flipback.targets.surrogate import build_member
+
+    net = build_member("cnn8", 3, 1).eval()
+    meta = {"arch": "surrogate_cnn", "width": 8, "num_classes": 3, "input_shape": [1, 8, 8], "queries": 0,
+            "held_out": 0, "agreement": 0.0, "output": "scores"}
+    torch.save({"state_dict": net.state_dict(), "meta": meta}, tmp_path / "old.th")
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(load_surrogate(tmp_path / "old.th").module(x), net(x))
+
+
+@pytest.mark.parametrize("bad", ["", "vgg16", "cnn2", "resnet10", "resnet2", "cnn32,,resnet"])
+def test_unknown_surrogate_members_are_refused_by_name(bad):
+    from flipback.errors import FlipbackError
+    from flipback.targets.surrogate import parse_members
+
+    with pytest.raises(FlipbackError) as err:
+        parse_members(bad)
+    assert "member" in err.value.args[0] and "resnetD" in err.value.hint
 
 
 def test_scores_are_read_as_probabilities_or_logits():

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import FlipbackError
+from .targets.surrogate import DEFAULT_MEMBERS, MEMBER_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Explain image misclassifications with the smallest change that makes the model right.")
@@ -271,7 +272,9 @@ def surrogate_cmd(
     split: str = typer.Option("train", help="train or test, for IDX folders and split folders."),
     output: Output = typer.Option(Output.scores, help="Learn from the target's scores, or only its labels."),
     epochs: int = typer.Option(30, min=1),
-    width: int = typer.Option(16, min=4, help="Surrogate width (channels of its first layer)."),
+    members: str = typer.Option(",".join(DEFAULT_MEMBERS),
+                                help=f"Surrogate models, comma-separated, trained on the same answers and "
+                                     f"averaged: {MEMBER_HELP}."),
     seed: int = typer.Option(0),
     mean: Optional[str] = typer.Option(None, help="Normalization the target expects, if it does not do it."),
     std: Optional[str] = typer.Option(None),
@@ -281,7 +284,7 @@ def surrogate_cmd(
 
     def go():
         meta = run_surrogate(target=target, data=data, budget=budget, out=out_file, split=split,
-                             output=output.value, epochs=epochs, width=width, seed=seed, mean=_floats(mean),
+                             output=output.value, epochs=epochs, members=members, seed=seed, mean=_floats(mean),
                              std=_floats(std), show_progress=not _state["quiet"], log=_log)
         if _state["json"]:
             print(json.dumps(meta))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..data import fashion_mnist_dir, load_dataset
 from ..errors import DataError
+from ..targets.surrogate import DEFAULT_MEMBERS
 from .explain_run import ExplainConfig, run_explain
 from .surrogate_run import run_surrogate
 from .train import model_cache_dir, train_small_cnn
@@ -48,8 +49,9 @@ def run_demo(*, data: str | None, out_dir: Path, method: str = "minimal", limit:
     out_dir = Path(out_dir)
     white = ExplainConfig(model=spec, data=str(root), split="test", method=method, limit=limit)
     summaries = {"white-box": run_explain(white, out_dir / "white-box", show_progress=show_progress, log=log)}
-    surrogate = _surrogate(spec, root, weights.with_name(weights.stem + f"-surrogate{SURROGATE_QUERIES}.th"),
-                           show_progress, log)
+    # The members are in the name, so a new default ensemble is trained rather than an old file reused.
+    cached = weights.with_name(f"{weights.stem}-surrogate{SURROGATE_QUERIES}-{'-'.join(DEFAULT_MEMBERS)}.th")
+    surrogate = _surrogate(spec, root, cached, show_progress, log)
     black = ExplainConfig(model=spec, data=str(root), split="test", mode="black-box", method="fast",
                           surrogate=str(surrogate), limit=limit)
     summaries["black-box"] = run_explain(black, out_dir / "black-box", show_progress=show_progress, log=log)

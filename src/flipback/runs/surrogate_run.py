@@ -6,15 +6,16 @@ import time
 from pathlib import Path
 
 from ..data import load_dataset
-from ..targets.surrogate import save_surrogate, train_surrogate
+from ..targets.surrogate import DEFAULT_MEMBERS, parse_members, save_surrogate, train_surrogate
 from .progress import progress_bar
 
 
 def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str = "train", output: str = "scores",
-                  epochs: int = 30, width: int = 16, seed: int = 0, flip: bool = True, mean=None, std=None,
+                  epochs: int = 30, members=DEFAULT_MEMBERS, seed: int = 0, flip: bool = True, mean=None, std=None,
                   show_progress: bool = True, log=print) -> dict:
     from ..targets.blackbox import load_blackbox
 
+    members = parse_members(members)  # a bad name fails before any query
     ds = load_dataset(data, split=split, progress=show_progress)
     h, w, c = ds.shape
     t0 = time.perf_counter()
@@ -22,8 +23,8 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
                        input_shape=(c, h, w)) as bb:
         n = min(budget, len(ds))
         with progress_bar("querying the target", total=n, enabled=show_progress) as q_adv, \
-                progress_bar("training the surrogate", total=epochs, enabled=show_progress, unit="epoch") as t_adv:
-            surrogate = train_surrogate(bb, ds, budget, width=width, epochs=epochs, seed=seed, flip=flip,
+                progress_bar("training the surrogate", total=epochs * len(members), enabled=show_progress, unit="epoch") as t_adv:
+            surrogate = train_surrogate(bb, ds, budget, members=members, epochs=epochs, seed=seed, flip=flip,
                                         target_spec=target,
                                         progress=lambda stage, k: (q_adv if stage == "query" else t_adv)(k))
         surrogate.meta["queries"] = int(bb.queries)  # the accounting layer's exact count

@@ -5,10 +5,18 @@ budget. A surrogate starts from random weights and learns the target's soft answ
 (probabilities) when the target returns scores, or its top-1 labels otherwise. Random
 crops and flips reuse the answer of the image they came from, so they cost no query.
 A held-out part of the queried images measures how often surrogate and target agree.
+
+A surrogate is an ensemble: several members, trained on the same answers, whose logits are
+averaged. Changes that fool several differently built models transfer to the target far
+more often than changes that fool one (Liu et al., ICLR 2017), and training more members
+costs only CPU time, never queries. On the CIFAR-10 benchmark, one 5-layer CNN corrected
+87% of the target's errors at 2.3 queries each, three members 99.7% at 1.05
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +26,20 @@ import torch.nn.functional as F
 
 from ..data import Dataset
 from ..errors import FlipbackError, ModelError
-from .zoo import Normalized, SurrogateCNN
+from .zoo import CifarResNet, Normalized, SurrogateCNN
 
 SURROGATE_MEAN, SURROGATE_STD = 0.5, 0.25
+# A CIFAR ResNet and two VGG-style CNNs (different seeds): about 12 minutes of training on
+# 10,000 CIFAR-10 answers on 2 CPU cores.
+DEFAULT_MEMBERS = ("resnet20", "cnn32", "cnn32")
+MEMBER_HELP = "cnnW (VGG-style CNN, first-layer width W) or resnetD (CIFAR ResNet of depth D = 6n+2)"
+MEMBER_NAME = re.compile(r"(cnn|resnet)(\d+)")
 
 
 @dataclass
 class Surrogate:
     module: torch.nn.Module  # takes [0,1] NCHW pixels, returns logits
-    meta: dict  # arch, width, num_classes, input_shape, queries, agreement, target, output, ...
+    meta: dict  # members, num_classes, input_shape, queries, agreement, target, output, ...
 
 
 def as_probabilities(scores: torch.Tensor) -> torch.Tensor:
@@ -36,10 +49,46 @@ def as_probabilities(scores: torch.Tensor) -> torch.Tensor:
     return s if looks_like_probs else torch.softmax(s, 1)
 
 
-def build_surrogate(num_classes: int, in_channels: int, width: int) -> Normalized:
-    net = SurrogateCNN(num_classes, in_channels, width)
+class SurrogateEnsemble(torch.nn.Module):
+    """Averages its members' logits (each member takes [0,1] pixels)."""
+
+    def __init__(self, members: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+def parse_members(text) -> tuple[str, ...]:
+    """"resnet20,cnn32" (or a sequence of names) -> ("resnet20", "cnn32"), checked."""
+    names = tuple(n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip())
+    if not names:
+        raise FlipbackError("a surrogate needs at least one member", hint=f"members: {MEMBER_HELP}")
+    for name in names:
+        m = MEMBER_NAME.fullmatch(name)
+        if not m or (m[1] == "cnn" and int(m[2]) < 4) or (m[1] == "resnet" and (int(m[2]) < 8 or (int(m[2]) - 2) % 6)):
+            raise FlipbackError(f"unknown surrogate member '{name}'", hint=f"members: {MEMBER_HELP}")
+    return names
+
+
+def build_member(name: str, num_classes: int, in_channels: int) -> Normalized:
+    kind, size = MEMBER_NAME.fullmatch(name).groups()
+    net = (SurrogateCNN(num_classes, in_channels, int(size)) if kind == "cnn"
+           else CifarResNet(int(size), num_classes, in_channels))
     c = in_channels
     return Normalized(net, (SURROGATE_MEAN,) * c, (SURROGATE_STD,) * c)
+
+
+def build_surrogate(num_classes: int, in_channels: int, members=DEFAULT_MEMBERS) -> torch.nn.Module:
+    """One member alone, or the ensemble of several."""
+    built = [build_member(name, num_classes, in_channels) for name in parse_members(members)]
+    return built[0] if len(built) == 1 else SurrogateEnsemble(built)
+
+
+def _members_of(meta: dict) -> tuple[str, ...]:
+    """Files from before ensembles name one `surrogate_cnn` and its width."""
+    return tuple(meta["members"]) if "members" in meta else (f"cnn{meta['width']}",)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
@@ -74,14 +123,50 @@ def query_answers(target, ds: Dataset, indices: np.ndarray, *, batch_size: int =
     return (torch.cat(probs) if probs and len(probs) == len(labels) else None), torch.cat(labels)
 
 
-def train_surrogate(target, ds: Dataset, budget: int, *, width: int = 16, epochs: int = 30,
+def _fit_member(model: torch.nn.Module, x_all: torch.Tensor, train_idx: np.ndarray, targets: torch.Tensor,
+                soft: bool, *, epochs: int, lr: float, batch_size: int, flip: bool, seed: int, progress=None):
+    """SGD with a one-cycle learning rate on the target's answers (soft: cross-entropy against
+    its probabilities), on random crops (and flips) of the queried images."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    steps_per_epoch = -(-len(train_idx) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    model.train()
+    for _ in range(epochs):
+        order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
+        for start in range(0, len(order), batch_size):
+            b = order[start:start + batch_size]
+            logits = model(_augment(x_all[b], gen, flip))
+            if soft:
+                loss = -(targets[b] * F.log_softmax(logits, 1)).sum(1).mean()
+            else:
+                loss = F.cross_entropy(logits, targets[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if progress:
+            progress("train", 1)
+    return model.eval()
+
+
+def _agreement(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        pred = torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
+    return float((pred == labels).float().mean())
+
+
+def train_surrogate(target, ds: Dataset, budget: int, *, members=DEFAULT_MEMBERS, epochs: int = 30,
                     holdout: float = 0.1, batch_size: int = 128, lr: float = 0.05, flip: bool = True,
                     seed: int = 0, target_spec: str = "", progress=None) -> Surrogate:
-    """Query the target on `budget` images of `ds` and fit a surrogate to its answers.
+    """Query the target on `budget` images of `ds` and fit a surrogate to its answers: each
+    member in turn (member i with seed `seed + i`), on the same answers.
 
-    `progress(stage, advance)` is called as work proceeds, if given."""
+    `progress(stage, advance)` is called as work proceeds, if given (one "train" step per
+    member and epoch)."""
     from ..runs.errors import to_tensor
 
+    members = parse_members(members)
     if budget < 10:
         raise FlipbackError(f"a surrogate needs a budget of at least 10 queries, got {budget}")
     rng = np.random.default_rng(seed)
@@ -99,35 +184,18 @@ def train_surrogate(target, ds: Dataset, budget: int, *, width: int = 16, epochs
     x_all = to_tensor(ds.images[chosen])
     h, w, c = ds.shape
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    model = build_surrogate(ds.num_classes, c, width)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    steps_per_epoch = -(-len(train_idx) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    model.train()
-    for _ in range(epochs):
-        order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
-        for start in range(0, len(order), batch_size):
-            b = order[start:start + batch_size]
-            x = _augment(x_all[b], gen, flip and c == 3)
-            logits = model(x)
-            if soft:
-                loss = -(probs[b] * F.log_softmax(logits, 1)).sum(1).mean()
-            else:
-                loss = F.cross_entropy(logits, labels[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        if progress:
-            progress("train", 1)
-    model.eval()
-    with torch.no_grad():
-        pred = torch.cat([model(x_all[hold_idx[i:i + 500]]).argmax(1) for i in range(0, len(hold_idx), 500)])
-    agreement = float((pred == labels[hold_idx]).float().mean())
-    meta = {"arch": "surrogate_cnn", "width": width, "num_classes": ds.num_classes, "input_shape": [c, h, w],
-            "classes": list(ds.classes), "queries": int(n), "held_out": int(n_hold), "agreement": agreement,
+    built = []
+    for i, name in enumerate(members):
+        torch.manual_seed(seed + i)
+        built.append(_fit_member(build_member(name, ds.num_classes, c), x_all, train_idx,
+                                 probs if soft else labels, soft, epochs=epochs, lr=lr, batch_size=batch_size,
+                                 flip=flip and c == 3, seed=seed + i, progress=progress))
+    model = built[0] if len(built) == 1 else SurrogateEnsemble(built).eval()
+    held_x, held_labels = x_all[hold_idx], labels[hold_idx]
+    meta = {"members": list(members), "num_classes": ds.num_classes, "input_shape": [c, h, w],
+            "classes": list(ds.classes), "queries": int(n), "held_out": int(n_hold),
+            "agreement": _agreement(model, held_x, held_labels),
+            "member_agreement": [_agreement(m, held_x, held_labels) for m in built],
             "output": "scores" if soft else "label", "epochs": epochs, "target": target_spec, "seed": seed}
     return Surrogate(model, meta)
 
@@ -149,9 +217,9 @@ def load_surrogate(path: Path) -> Surrogate:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         meta = obj["meta"]
         c = meta["input_shape"][0]
-        model = build_surrogate(meta["num_classes"], c, meta["width"])
+        model = build_surrogate(meta["num_classes"], c, _members_of(meta))
         model.load_state_dict(obj["state_dict"])
-    except (KeyError, TypeError, RuntimeError) as exc:
+    except (KeyError, TypeError, RuntimeError, FlipbackError) as exc:
         raise ModelError(f"{path} is not a flipback surrogate ({type(exc).__name__}: {exc})") from None
     except Exception as exc:
         raise ModelError(f"cannot read surrogate {path}: {exc}") from None
