@@ -78,11 +78,15 @@ class FastTransferAttack(TransferAttack):
     already agrees with the truth, it is wrong about this image, and only a stronger push
     helps). When the target disagrees, the wanted margin at least doubles, stays
     `confidence` above where the surrogate now is, and, with scores, also grows by how far
-    the target's answer still is from the true label. Surrogate steps cost no target query."""
+    the target's answer still is from the true label. Surrogate steps cost no target query.
+
+    `confidence` trades queries for the size of the change: on the CIFAR-10 benchmark with
+    the default ensemble surrogate, 4 logits corrected 99.95% at 1.15 queries with a median L2
+    of 0.65, where 8 corrected 99.53% at 1.06 with 1.29 (docs/benchmarks.md)."""
 
     name = "fast"
 
-    def __init__(self, surrogate, num_classes, *, confidence: float = 8.0, step: float = 1 / 255,
+    def __init__(self, surrogate, num_classes, *, confidence: float = 4.0, step: float = 1 / 255,
                  inner_steps: int = 64, max_queries: int = 10, direction: str = "auto", l2_rounds: int = 3,
                  pixels: str = "uint8"):
         super().__init__(surrogate, num_classes, pixels=pixels)
