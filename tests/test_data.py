@@ -283,3 +283,19 @@ def test_unwritable_cache_falls_back_to_a_temp_map(folder, tmp_path):
     ds = load_dataset(root, cache_dir=blocker / "cache")
     assert len(ds) == 7 and isinstance(ds.images, np.memmap)
     np.testing.assert_array_equal(np.asarray(ds.images), load_dataset(root).images)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_batches_of_the_read_only_cache_become_tensors_of_their_own(dtype):
+    """The memory-mapped cache is read-only; its tensors must not alias it (nor warn)."""
+    import warnings
+
+    from flipback.runs.errors import to_tensor
+
+    cache = np.full((2, 3, 3, 1), 51, dtype=dtype)
+    cache.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = to_tensor(cache)
+    x += 1
+    assert x.shape == (2, 1, 3, 3) and float(cache.sum()) == 51 * 18

@@ -20,7 +20,10 @@ from .progress import progress_bar
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC (or float) -> float32 NCHW in [0, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images))
+    arr = np.ascontiguousarray(images)
+    if not arr.flags.writeable:  # a slice of the read-only memory-mapped cache: tensors need their own memory
+        arr = arr.copy()
+    x = torch.from_numpy(arr)
     x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     return x.permute(0, 3, 1, 2).contiguous()
 
