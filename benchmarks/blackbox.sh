@@ -34,3 +34,10 @@ for output in scores label; do
   time $FB bench paper --mode black-box --model "http://127.0.0.1:$PORT/v2/models/r20" --data $TEST \
       --output $output --surrogate "$OUT/surrogate-$output.th" --out "$OUT/http-$output"
 done
+
+# 4. the same per-image results in process and over HTTP
+for output in scores label; do
+  for method in paper fast; do
+    $PY benchmarks/same_results.py "$OUT/inprocess-$output/$method" "$OUT/http-$output/$method"
+  done
+done
