@@ -9,9 +9,9 @@ A held-out part of the queried images measures how often surrogate and target ag
 A surrogate is an ensemble: several members, trained on the same answers, whose logits are
 averaged. Changes that fool several differently built models transfer to the target far
 more often than changes that fool one (Liu et al., ICLR 2017), and training more members
-costs only CPU time, never queries. On the CIFAR-10 benchmark, one 5-layer CNN corrected
-87% of the target's errors at 2.3 queries each, three members 99.7% at 1.05
-(docs/benchmarks.md).
+costs only CPU time, never queries. On the CIFAR-10 benchmark, the `fast` method corrected
+89.5% of the target's errors at 2.37 queries each with one width-16 CNN, 98.8% at 1.48 with
+one width-32 CNN, and 99.95% at 1.15 with the default three members (docs/benchmarks.md).
 """
 
 from __future__ import annotations
