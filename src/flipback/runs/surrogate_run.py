@@ -23,7 +23,8 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
                        input_shape=(c, h, w)) as bb:
         n = min(budget, len(ds))
         with progress_bar("querying the target", total=n, enabled=show_progress) as q_adv, \
-                progress_bar("training the surrogate", total=epochs * len(members), enabled=show_progress, unit="epoch") as t_adv:
+                progress_bar("training the surrogate", total=epochs * len(members), enabled=show_progress,
+                             unit="epoch") as t_adv:
             surrogate = train_surrogate(bb, ds, budget, members=members, epochs=epochs, seed=seed, flip=flip,
                                         target_spec=target,
                                         progress=lambda stage, k: (q_adv if stage == "query" else t_adv)(k))

@@ -67,7 +67,8 @@ def parse_members(text) -> tuple[str, ...]:
         raise FlipbackError("a surrogate needs at least one member", hint=f"members: {MEMBER_HELP}")
     for name in names:
         m = MEMBER_NAME.fullmatch(name)
-        if not m or (m[1] == "cnn" and int(m[2]) < 4) or (m[1] == "resnet" and (int(m[2]) < 8 or (int(m[2]) - 2) % 6)):
+        size = int(m[2]) if m else 0
+        if not m or not (size >= 4 if m[1] == "cnn" else size >= 8 and (size - 2) % 6 == 0):
             raise FlipbackError(f"unknown surrogate member '{name}'", hint=f"members: {MEMBER_HELP}")
     return names
 
