@@ -78,6 +78,13 @@ def region_scores(pixel_values: torch.Tensor, onehot: torch.Tensor) -> torch.Ten
     return torch.bmm(pixel_values.sum(1).flatten(1)[:, None, :], onehot).squeeze(1)
 
 
+def effect_map(onehot: torch.Tensor, effect: torch.Tensor, hw) -> torch.Tensor:
+    """(n, S) region effects -> (n, H, W), each pixel its region's; regions never measured
+    (absent, or with nothing left to change: -inf) read as 0."""
+    measured = torch.where(torch.isfinite(effect), effect, torch.zeros_like(effect))
+    return torch.bmm(onehot, measured[:, :, None]).squeeze(2).view(len(effect), *hw)
+
+
 def pixel_mask(onehot: torch.Tensor, selected: torch.Tensor, shape) -> torch.Tensor:
     """(n, S) selected regions -> (n, 1, H, W) 0/1 mask."""
     m = torch.bmm(onehot, selected.float()[:, :, None]).squeeze(2)
@@ -172,8 +179,7 @@ class RegionsAttack(CorrectiveAttack):
             final_grad[success] = start_grad[success]
         else:
             effect = region_scores(start_grad * full, onehot)  # first-order, where no query measured it
-        measured = torch.where(torch.isfinite(effect), effect, torch.zeros_like(effect))  # absent regions
-        region_effect = torch.bmm(onehot, measured[:, :, None]).squeeze(2).view(n, *shape[2:])
+        region_effect = effect_map(onehot, effect, shape[2:])
         active = (~success).nonzero().squeeze(1)
         g = g[active]
         for _ in range(self._iterations()):
@@ -257,7 +263,7 @@ class RegionsAttack(CorrectiveAttack):
         for keep the effects measured on the original image."""
         left = onehot[idx] * (rest[idx].abs().sum(1).flatten(1) > 0)[:, :, None].float()
         need = (left.sum(1) > 0).sum(1)
-        fits = need <= self.max_queries - queries[idx] if self._counts_guidance() else torch.ones_like(need, dtype=torch.bool)
+        fits = need <= self.max_queries - queries[idx] if self._counts_guidance() else torch.ones_like(need).bool()
         rows = idx[fits]
         if len(rows) == 0:
             return
@@ -265,8 +271,7 @@ class RegionsAttack(CorrectiveAttack):
         effect = self._measure_regions(target, corrected[rows], labels[rows], rest[rows], left[fits], q)
         queries[rows] = q
         # Regions with no change left (wholly inside the correction) were not asked: 0.
-        effect = torch.where(torch.isfinite(effect), effect, torch.zeros_like(effect))
-        region_effect[rows] = torch.bmm(onehot[rows], effect[:, :, None]).squeeze(2).view(len(rows), *region_effect.shape[1:])
+        region_effect[rows] = effect_map(onehot[rows], effect, region_effect.shape[1:])
 
     def _counts_guidance(self) -> bool:
         """Whether the guiding evaluations are target queries (white-box) or free (surrogate)."""
