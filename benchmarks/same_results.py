@@ -2,27 +2,34 @@
 
     python benchmarks/same_results.py RUN_A RUN_B
 
-Compares each image's record (success, queries, answers, L2, ...) and the bytes of its
-original and corrected images in the two run folders' results.sqlite. Prints the count of
+Compares each image's record (success, queries, answers, L2, ...) and its original and
+corrected images, as the run store reads them, in the two run folders. Prints the count of
 identical images and exits 1 if any differ.
 """
 
-import json
-import sqlite3
 import sys
+from pathlib import Path
+
+import numpy as np
+
+from flipback.store import RunStore
 
 
 def results(run_dir: str) -> dict:
-    db = sqlite3.connect(f"file:{run_dir}/results.sqlite?mode=ro", uri=True)
-    out = {}
-    for idx, record, corrected, dtype, original in db.execute("SELECT idx, record, corrected, dtype, original "
-                                                             "FROM results"):
-        out[idx] = (json.loads(record), corrected, dtype, original)
-    return out
+    store = RunStore(Path(run_dir) / "results.sqlite")
+    try:
+        return {r["index"]: (r, store.images(r["index"])) for r in store.records()}
+    finally:
+        store.close()
+
+
+def same(a, b) -> bool:
+    return b is not None and a[0] == b[0] and all(np.array_equal(x, y) and x.dtype == y.dtype
+                                                  for x, y in zip(a[1], b[1]))
 
 
 if __name__ == "__main__":
     a, b = results(sys.argv[1]), results(sys.argv[2])
-    same = sum(1 for k in a if b.get(k) == a[k])
-    print(f"{same} of {len(a)} images identical ({len(b)} in the second run)")
-    sys.exit(0 if same == len(a) == len(b) else 1)
+    n_same = sum(1 for k in a if same(a[k], b.get(k)))
+    print(f"{n_same} of {len(a)} images identical ({len(b)} in the second run)")
+    sys.exit(0 if n_same == len(a) == len(b) else 1)

@@ -21,15 +21,10 @@ from flipback.data import load_dataset
 from flipback.runs.errors import to_tensor
 from flipback.runs.faithfulness import _real_images
 from flipback.targets.blackbox import load_blackbox
-from flipback.targets.surrogate import SurrogateEnsemble, load_surrogate
+from flipback.targets.surrogate import SurrogateEnsemble, agreement, load_surrogate
 
 SPEC = "cifar_resnet20:../shared/models/cifar10_resnet20.th"
 DATA = "../shared/data/cifar10-jpeg"
-
-
-@torch.no_grad()
-def _labels(model, x):
-    return torch.cat([model(x[s:s + 500]).argmax(1) for s in range(0, len(x), 500)])
 
 
 if __name__ == "__main__":
@@ -50,7 +45,7 @@ if __name__ == "__main__":
         for size in range(1, len(members) + 1):
             for subset in itertools.combinations(range(len(members)), size):
                 model = SurrogateEnsemble([members[i] for i in subset]).eval()
-                agreement = float((_labels(model, everything) == target_labels).float().mean())
+                agreed = agreement(model, everything, target_labels)
                 t0 = time.perf_counter()
                 before = target.queries
                 results = [FastTransferAttack(model, k).run(target, x[s:s + 256], y[s:s + 256],
@@ -61,6 +56,6 @@ if __name__ == "__main__":
                 assert int(queries.sum()) == target.queries - before  # the accountant agrees
                 l2 = (torch.cat([r.corrected for r in results]) - x).flatten(1).norm(dim=1)
                 label = " + ".join(f"{names[i]} (#{i + 1})" for i in subset)
-                print(f"| {label} | {agreement:.1%} | {success.float().mean():.2%} | {queries.float().mean():.3f} | "
+                print(f"| {label} | {agreed:.1%} | {success.float().mean():.2%} | {queries.float().mean():.3f} | "
                       f"{(success & (queries == 1)).float().mean():.1%} | {l2[success].median():.3f} | "
                       f"{time.perf_counter() - t0:.0f} |", flush=True)

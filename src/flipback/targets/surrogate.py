@@ -151,7 +151,8 @@ def _fit_member(model: torch.nn.Module, x_all: torch.Tensor, train_idx: np.ndarr
     return model.eval()
 
 
-def _agreement(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
+def agreement(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of images `x` on which `model`'s top-1 is `labels` (the target's answers)."""
     with torch.no_grad():
         pred = torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
     return float((pred == labels).float().mean())
@@ -195,8 +196,8 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=DEFAULT_MEMBERS
     held_x, held_labels = x_all[hold_idx], labels[hold_idx]
     meta = {"members": list(members), "num_classes": ds.num_classes, "input_shape": [c, h, w],
             "classes": list(ds.classes), "queries": int(n), "held_out": int(n_hold),
-            "agreement": _agreement(model, held_x, held_labels),
-            "member_agreement": [_agreement(m, held_x, held_labels) for m in built],
+            "agreement": agreement(model, held_x, held_labels),
+            "member_agreement": [agreement(m, held_x, held_labels) for m in built],
             "output": "scores" if soft else "label", "epochs": epochs, "target": target_spec, "seed": seed}
     return Surrogate(model, meta)
 
