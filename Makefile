@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench-whitebox clean
+.PHONY: demo test test-deps bench-whitebox clean
+
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+# The browser test drives this Chromium (tests/test_report_browser.py reads the same variable).
+FLIPBACK_CHROMIUM ?= /usr/bin/chromium
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,17 +19,33 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz:
+$(FMNIST):
 	@command -v apt-get >/dev/null || { echo "install Debian's dataset-fashion-mnist, or run: flipback demo --data FOLDER"; exit 1; }
 	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
 
 ## make demo: install, get Fashion-MNIST, train the small CNN once, explain its errors, write the report.
-demo: $(STAMP) /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+demo: $(STAMP) $(FMNIST)
 	$(BIN)/flipback demo
 
-## make test: install with the test extras and run the test suite.
-test: $(STAMP)
+## make test: install with the test extras, Debian's chromium and dataset-fashion-mnist when
+## missing (apt-get, as root), then run the test suite; its exit status is pytest's pass or fail.
+test: $(STAMP) test-deps
 	$(BIN)/python -m pytest
+
+# Without them the browser test and the Fashion-MNIST data tests skip, so say so loudly;
+# a machine without apt-get (or without root) still runs everything else.
+TEST_MISSING = $(strip $(if $(wildcard $(FMNIST)),,dataset-fashion-mnist) $(if $(wildcard $(FLIPBACK_CHROMIUM)),,chromium))
+test-deps:
+	@if [ -n "$(TEST_MISSING)" ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    echo "installing Debian's $(TEST_MISSING) for the tests"; \
+	    (apt-get update -qq && apt-get install -y -qq $(TEST_MISSING)) || \
+	      echo "*** could not install Debian's $(TEST_MISSING) (apt-get needs root): the tests that need it skip"; \
+	  else \
+	    echo "*** apt-get is unavailable: install $(TEST_MISSING) yourself, or the tests that need it skip"; \
+	    echo "*** (Chromium at $(FLIPBACK_CHROMIUM), or set FLIPBACK_CHROMIUM; Fashion-MNIST's IDX files in $(dir $(FMNIST)))"; \
+	  fi; \
+	fi
 
 clean:
 	rm -rf $(VENV) runs
