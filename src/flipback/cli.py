@@ -278,6 +278,8 @@ def surrogate_cmd(
     seed: int = typer.Option(0),
     mean: Optional[str] = typer.Option(None, help="Normalization the target expects, if it does not do it."),
     std: Optional[str] = typer.Option(None),
+    allow_test_data: bool = typer.Option(False, "--allow-test-data",
+                                         help="Train on test (or validation) images anyway; refused otherwise."),
 ):
     """Train a surrogate of a black-box target from its answers alone."""
     from .runs.surrogate_run import run_surrogate
@@ -285,7 +287,8 @@ def surrogate_cmd(
     def go():
         meta = run_surrogate(target=target, data=data, budget=budget, out=out_file, split=split,
                              output=output.value, epochs=epochs, members=members, seed=seed, mean=_floats(mean),
-                             std=_floats(std), show_progress=not _state["quiet"], log=_log)
+                             std=_floats(std), allow_test_data=allow_test_data, show_progress=not _state["quiet"],
+                             log=_log)
         if _state["json"]:
             print(json.dumps(meta))
         elif not _state["quiet"]:

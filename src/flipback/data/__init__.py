@@ -7,6 +7,6 @@ Image folders are decoded once into a memory-mapped cache keyed by `ds.fingerpri
 
 from flipback.data.dataset import Dataset, SkippedItem
 from flipback.data.idx import FASHION_MNIST_CLASSES, fashion_mnist_dir
-from flipback.data.load import load_dataset
+from flipback.data.load import load_dataset, split_of
 
-__all__ = ["load_dataset", "Dataset", "SkippedItem", "fashion_mnist_dir", "FASHION_MNIST_CLASSES"]
+__all__ = ["load_dataset", "split_of", "Dataset", "SkippedItem", "fashion_mnist_dir", "FASHION_MNIST_CLASSES"]

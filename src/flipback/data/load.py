@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,9 @@ SPLITS = ("train", "test")
 _FORMATS = "an image folder (<dir>/<class>/*.png), a .npz file, or an MNIST/Fashion-MNIST IDX folder or images file"
 # A folder holding only these sub-folders is a parent of splits, not of classes.
 _SPLIT_DIRS = {"train": ("train",), "test": ("test", "val", "valid", "validation")}
+# Names that mark a folder or file as held-out (test or validation) data, or as training data.
+_HELD_OUT_NAMES = {"test", "testing", "t10k", "val", "valid", "validation"}
+_TRAIN_NAMES = {"train", "training"}
 
 
 def load_dataset(path: str | os.PathLike, *, split: str = "test", cache_dir=None,
@@ -51,6 +55,43 @@ def load_dataset(path: str | os.PathLike, *, split: str = "test", cache_dir=None
         return ds
     return load_image_folder(_split_folder(p, split), cache_dir=cache_dir, workers=workers,
                              progress=progress, size=size, base=p)
+
+
+def split_of(path: str | os.PathLike, split: str = "test") -> tuple[str, str]:
+    """Which split `load_dataset(path, split=split)` reads: ("train" | "test" | "unknown", why).
+
+    "test" covers held-out data, validation included. It is decided as the loader decides:
+    by `split` for IDX folders and folders of train/ and test/ (or val/) splits; by the name
+    of an IDX images file (train-* or t10k-*); otherwise by names in the resolved path, the
+    nearest first: the file's or folder's own name (a word of it, as in `cifar10_test.npz`
+    or `cifar10-test`), then each folder above it (the whole name, as in `.../test/x`).
+    Raises DataError where load_dataset would (missing path, no such split)."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}", hint="use 'train' or 'test'")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data set not found: {path}", hint=f"give {_FORMATS}")
+    p = p.resolve()
+    if p.is_file() and idx.is_images_file(p):
+        return ("test" if p.name.lower().startswith("t10k") else "train"), f"the IDX file {p.name}"
+    if p.is_dir():
+        images_file = idx.find_images(p, split)
+        if images_file is not None:
+            return split, f"split {split!r}: {images_file.name}"
+        chosen = _split_folder(p, split)
+        if chosen != p:
+            return split, f"split {split!r}: {chosen.name}/"
+    words = set(re.split(r"[^a-z0-9]+", (p.stem if p.is_file() else p.name).lower()))
+    for kind, names in (("test", _HELD_OUT_NAMES), ("train", _TRAIN_NAMES)):
+        if words & names:
+            return kind, f"its name {p.name!r}"
+    for parent in p.parents:
+        name = parent.name.lower()
+        if name in _HELD_OUT_NAMES:
+            return "test", f"the folder {parent}"
+        if name in _TRAIN_NAMES:
+            return "train", f"the folder {parent}"
+    return "unknown", f"no train or test name in {p}"
 
 
 def _split_folder(p: Path, split: str) -> Path:

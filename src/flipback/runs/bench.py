@@ -46,7 +46,8 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
     return combined
 
 
-def _bench_surrogate(model, surrogate_data, budget, output, out_dir: Path, show_progress, log) -> Path:
+def _bench_surrogate(model, surrogate_data, budget, output, out_dir: Path, show_progress, log,
+                     allow_test_data: bool = False) -> Path:
     """Train the bench's surrogate once; a re-run (resume) reuses the one in the folder."""
     from .surrogate_run import run_surrogate
 
@@ -58,5 +59,5 @@ def _bench_surrogate(model, surrogate_data, budget, output, out_dir: Path, show_
         log(f"using the bench's surrogate {path}")
         return path
     run_surrogate(target=model, data=surrogate_data, budget=budget, out=path, output=output,
-                  show_progress=show_progress, log=log)
+                  allow_test_data=allow_test_data, show_progress=show_progress, log=log)
     return path

@@ -5,17 +5,31 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..data import load_dataset
+from ..data import load_dataset, split_of
+from ..errors import DataError
 from ..targets.surrogate import DEFAULT_MEMBERS, parse_members, save_surrogate, train_surrogate
 from .progress import progress_bar
 
 
 def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str = "train", output: str = "scores",
                   epochs: int = 30, members=DEFAULT_MEMBERS, seed: int = 0, flip: bool = True, mean=None, std=None,
-                  show_progress: bool = True, log=print) -> dict:
+                  allow_test_data: bool = False, show_progress: bool = True, log=print) -> dict:
+    """Train a surrogate of `target` on `data` and save it to `out`; returns its metadata.
+
+    Test (or validation) data is refused unless `allow_test_data`: a surrogate trained on the
+    images it will later explain has seen the target's answers on them, which flatters the
+    black-box results. The split is recorded in the file's metadata either way."""
     from ..targets.blackbox import load_blackbox
 
     members = parse_members(members)  # a bad name fails before any query
+    kind, why = split_of(data, split)  # before any decoding or query
+    if kind == "test" and not allow_test_data:
+        raise DataError(f"refusing to train a surrogate on test data: {data} ({why})",
+                        hint="a surrogate that saw the target's answers on the images it will explain flatters the "
+                             "black-box results; use training images (e.g. --split train), or pass "
+                             "--allow-test-data to use these anyway")
+    if kind == "test":
+        log(f"warning: training the surrogate on test data ({why}), as --allow-test-data asks")
     ds = load_dataset(data, split=split, progress=show_progress)
     h, w, c = ds.shape
     t0 = time.perf_counter()
@@ -29,6 +43,8 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
                                         target_spec=target,
                                         progress=lambda stage, k: (q_adv if stage == "query" else t_adv)(k))
         surrogate.meta["queries"] = int(bb.queries)  # the accounting layer's exact count
+    surrogate.meta["split"] = kind  # "train", "test" (allowed) or "unknown"
+    surrogate.meta["split_reason"] = why
     surrogate.meta["seconds"] = time.perf_counter() - t0
     save_surrogate(surrogate, out)
     log(f"surrogate saved to {out}")

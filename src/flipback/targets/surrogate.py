@@ -39,7 +39,7 @@ MEMBER_NAME = re.compile(r"(cnn|resnet)(\d+)")
 @dataclass
 class Surrogate:
     module: torch.nn.Module  # takes [0,1] NCHW pixels, returns logits
-    meta: dict  # members, num_classes, input_shape, queries, agreement, target, output, ...
+    meta: dict  # members, num_classes, input_shape, queries, agreement, target, output, split, ...
 
 
 def as_probabilities(scores: torch.Tensor) -> torch.Tensor:
@@ -225,4 +225,5 @@ def load_surrogate(path: Path) -> Surrogate:
         raise ModelError(f"{path} is not a flipback surrogate ({type(exc).__name__}: {exc})") from None
     except Exception as exc:
         raise ModelError(f"cannot read surrogate {path}: {exc}") from None
+    meta.setdefault("split", "unknown")  # files from before the split was recorded
     return Surrogate(model.eval(), meta)
