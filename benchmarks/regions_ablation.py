@@ -37,7 +37,7 @@ if __name__ == "__main__":
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, opts in CONFIGS.items():
         t0 = time.perf_counter()
-        r = RegionsAttack(**opts).run(target, x, y)
+        r = RegionsAttack(**opts).run(target, target, x, y)
         seconds = (time.perf_counter() - t0) / n
         d = deletion_to_correct(lambda t: net(t).detach(), x, y, r.order)
         rates = " | ".join(f"{float(v):.1%}" for v in d.rates)

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from flipback.attacks.transfer import FastTransferAttack
+from flipback.attacks import FastAttack
+from flipback.targets import ModelGuide
 from flipback.data import load_dataset
 from flipback.runs.errors import to_tensor
 from flipback.runs.faithfulness import _real_images
@@ -48,8 +49,9 @@ if __name__ == "__main__":
                 agreed = agreement(model, everything, target_labels)
                 t0 = time.perf_counter()
                 before = target.queries
-                results = [FastTransferAttack(model, k).run(target, x[s:s + 256], y[s:s + 256],
-                                                            torch.arange(s, min(s + 256, len(x))))
+                guide = ModelGuide(model, k)
+                results = [FastAttack(max_queries=10).run(target, guide, x[s:s + 256], y[s:s + 256],
+                                                          torch.arange(s, min(s + 256, len(x))))
                            for s in range(0, len(x), 256)]
                 success = torch.cat([r.success for r in results])
                 queries = torch.cat([r.queries for r in results])

@@ -51,7 +51,7 @@ def main() -> None:
     for pixels in ("uint8", "float"):
         t0 = time.perf_counter()
         # Batches of 256, as Foolbox's runs below and `flipback explain` use.
-        parts = [MinimalAttack(pixels=pixels).run(target, x[i:i + 256], y[i:i + 256]) for i in range(0, len(x), 256)]
+        parts = [MinimalAttack(pixels=pixels).run(target, target, x[i:i + 256], y[i:i + 256], torch.arange(i, min(i + 256, len(x)))) for i in range(0, len(x), 256)]
         secs = time.perf_counter() - t0
         r = AttackResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
                            ("corrected", "success", "queries", "logits")))

@@ -18,6 +18,12 @@ from flipback.attacks.projection import project_to_halfspace
 from flipback.targets import WhiteBoxTarget
 from flipback.targets.whitebox import margin
 
+
+def _wb(model, k):
+    """A white-box target is both oracle and guide."""
+    t = WhiteBoxTarget(model, k)
+    return t, t
+
 STEP = 1 / 255
 
 
@@ -213,7 +219,7 @@ def test_projection_respects_box(discrete):
 def test_minimal_float_reaches_hyperplane_distance():
     model, x, labels, dist, wnorm = linear_problem()
     target = WhiteBoxTarget(model, 2)
-    r = MinimalAttack(pixels="float").run(target, x, labels)
+    r = MinimalAttack(pixels="float").run(target, target, x, labels)
     assert r.success.all()
     d = l2(r.corrected, x)
     floor = dist + MIN_MARGIN / wnorm  # least change that clears MIN_MARGIN
@@ -225,7 +231,7 @@ def test_minimal_float_reaches_hyperplane_distance():
 
 def test_minimal_float_gets_within_one_percent():
     model, x, labels, dist, wnorm = linear_problem()
-    r = MinimalAttack(pixels="float").run(WhiteBoxTarget(model, 2), x, labels)
+    r = MinimalAttack(pixels="float").run(*_wb(model, 2), x, labels)
     assert r.success.all()
     assert (l2(r.corrected, x) <= 1.01 * (dist + MIN_MARGIN / wnorm)).all()
 
@@ -238,7 +244,7 @@ def test_minimal_float_near_boundary_image():
     m0 = sign * (x.flatten(1) @ w + model.b[1] - model.b[0])  # < 0
     model.b[1] -= sign * (float(m0) + 1e-3)  # move the boundary so the margin is -1e-3
     d = 1e-3 / float(wnorm)
-    r = MinimalAttack(pixels="float").run(WhiteBoxTarget(model, 2), x, labels)
+    r = MinimalAttack(pixels="float").run(*_wb(model, 2), x, labels)
     assert r.success.all()
     # The search aims at margin 2 * MIN_MARGIN, so that rounding noise cannot undo it.
     assert float(l2(r.corrected, x)[0]) <= 1.05 * (d + 2 * MIN_MARGIN / float(wnorm)) + 1e-6
@@ -247,7 +253,7 @@ def test_minimal_float_near_boundary_image():
 def test_minimal_uint8_on_grid_and_bounded_by_hyperplane_distance():
     model, x, labels, dist, wnorm = linear_problem()
     target = WhiteBoxTarget(model, 2)
-    r = MinimalAttack().run(target, x, labels)
+    r = MinimalAttack().run(target, target, x, labels)
     assert r.success.all()
     assert on_grid(r.corrected)
     assert (r.corrected >= 0).all() and (r.corrected <= 1).all()
@@ -262,7 +268,7 @@ def test_fast_on_linear_model_corrects_in_one_query():
     model, x, labels, dist, _ = linear_problem()
     for pixels in ("uint8", "float"):
         target = WhiteBoxTarget(model, 2)
-        r = FastAttack(pixels=pixels).run(target, x, labels)
+        r = FastAttack(pixels=pixels).run(target, target, x, labels)
         assert r.success.all()
         assert (r.queries == 1).all()
         assert target.queries == len(x)
@@ -285,7 +291,7 @@ def test_paper_queries_exact_with_per_image_early_stop():
     ks = [1, 4, 2, 7, 3, 1, 5]
     x, y = scripted_images(ks)
     target = WhiteBoxTarget(scripted_model(), 2)
-    r = PaperAttack().run(target, x, y)
+    r = PaperAttack().run(target, target, x, y)
     assert r.success.all()
     assert r.queries.tolist() == ks
     assert r.queries.dtype == torch.long
@@ -306,7 +312,7 @@ def model_logits(x: torch.Tensor) -> torch.Tensor:
 def test_paper_max_steps_one_on_three_step_image():
     x, y = scripted_images([3])
     target = WhiteBoxTarget(scripted_model(), 2)
-    r = PaperAttack(max_steps=1).run(target, x, y)
+    r = PaperAttack(max_steps=1).run(target, target, x, y)
     assert r.success.tolist() == [False]
     assert r.queries.tolist() == [1]
     assert target.queries == 1
@@ -316,7 +322,7 @@ def test_paper_budget_stops_only_the_slow_images():
     ks = [1, 3, 2, 5]
     x, y = scripted_images(ks)
     target = WhiteBoxTarget(scripted_model(), 2)
-    r = PaperAttack(max_steps=2).run(target, x, y)
+    r = PaperAttack(max_steps=2).run(target, target, x, y)
     assert r.success.tolist() == [True, False, True, False]
     assert r.queries.tolist() == [1, 2, 2, 2]
     assert target.queries == 7
@@ -327,7 +333,7 @@ def test_query_total_matches_target_counter(name):
     for model, x, y in [(scripted_model(), *scripted_images([1, 4, 2, 7])), cnn_problem(seed=5)]:
         k = model(x).shape[1]
         target = WhiteBoxTarget(model, k)
-        r = ATTACKS[name]().run(target, x, y)
+        r = ATTACKS[name]().run(target, target, x, y)
         assert target.queries == int(r.queries.sum())
         assert (r.queries >= 1).all()
         assert r.queries.dtype == torch.long
@@ -339,19 +345,19 @@ def test_minimal_query_count_is_known_on_linear_model():
     model, x, labels, _, _ = linear_problem()
     target = WhiteBoxTarget(model, 2)
     attack = MinimalAttack(patience=MinimalAttack().steps + 1)
-    r = attack.run(target, x, labels)
+    r = attack.run(target, target, x, labels)
     assert r.success.all()
     expected = attack.steps + attack.grid_steps + 1 + attack.prune_steps
     assert (r.queries == expected).all()
     assert target.queries == len(x) * expected
     # With early stopping (the default), images leave phase 1 once their best norm stalls.
     target = WhiteBoxTarget(model, 2)
-    early = MinimalAttack().run(target, x, labels)
+    early = MinimalAttack().run(target, target, x, labels)
     assert early.success.all() and (early.queries < expected).all()
     assert target.queries == int(early.queries.sum())
     target = WhiteBoxTarget(model, 2)
     attack = MinimalAttack(pixels="float", patience=MinimalAttack().steps + 1)
-    r = attack.run(target, x, labels)
+    r = attack.run(target, target, x, labels)
     assert (r.queries == attack.steps).all() and target.queries == len(x) * attack.steps
 
 
@@ -363,7 +369,7 @@ def test_minimal_query_count_is_known_on_linear_model():
 def test_success_is_verified_alone(name, pixels):
     model, x, labels = cnn_problem(seed=1, n=8)
     target = WhiteBoxTarget(model, 4)
-    r = ATTACKS[name](pixels=pixels).run(target, x, labels)
+    r = ATTACKS[name](pixels=pixels).run(target, target, x, labels)
     assert r.corrected.shape == x.shape
     assert r.success.dtype == torch.bool and r.success.shape == (8,)
     assert r.success.any()  # the check below must see something
@@ -389,13 +395,13 @@ def test_success_is_verified_alone(name, pixels):
 def test_batch_invariance_and_determinism(name, pixels):
     model, x, labels = cnn_problem(seed=2, n=6)
     attack = ATTACKS[name](pixels=pixels)
-    r = attack.run(WhiteBoxTarget(model, 4), x, labels)
-    r2 = attack.run(WhiteBoxTarget(model, 4), x.clone(), labels.clone())
+    r = attack.run(*_wb(model, 4), x, labels)
+    r2 = attack.run(*_wb(model, 4), x.clone(), labels.clone())
     assert torch.equal(r.corrected, r2.corrected)
     assert torch.equal(r.success, r2.success) and torch.equal(r.queries, r2.queries)
     for i in range(len(x)):
         t = WhiteBoxTarget(model, 4)
-        s = attack.run(t, x[i:i + 1], labels[i:i + 1])
+        s = attack.run(t, t, x[i:i + 1], labels[i:i + 1])
         assert bool(s.success[0]) == bool(r.success[i]), i
         assert int(s.queries[0]) == int(r.queries[i]), i
         assert t.queries == int(s.queries[0])
@@ -406,5 +412,5 @@ def test_inputs_are_not_modified():
     model, x, labels = cnn_problem(seed=3, n=4)
     x0, y0 = x.clone(), labels.clone()
     for name in ATTACKS:
-        ATTACKS[name]().run(WhiteBoxTarget(model, 4), x, labels)
+        ATTACKS[name]().run(*_wb(model, 4), x, labels)
     assert torch.equal(x, x0) and torch.equal(labels, y0)

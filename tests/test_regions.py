@@ -7,10 +7,16 @@ import torch
 from flipback.attacks import RegionsAttack
 from flipback.attacks.regions import explanation_order, rank_map, region_onehot
 from flipback.attacks.segments import grid_segments, segment
-from flipback.attacks.transfer import RegionsTransferAttack
 from flipback.explain import explain_changes
 from flipback.targets.blackbox import from_module
+from flipback.targets import ModelGuide
 from flipback.targets.whitebox import WhiteBoxTarget
+
+
+def _wb(model, k):
+    """A white-box target is both oracle and guide."""
+    t = WhiteBoxTarget(model, k)
+    return t, t
 
 H = W = 16  # a 4x4 grid of 4x4 cells
 
@@ -49,7 +55,7 @@ def test_one_cause_one_region(scoring):
     x, y = grey()
     model = Patches({(1, 2): 1.0}, bias=16 * 128 / 255 + 4)  # margin -4 at the start
     target = WhiteBoxTarget(model, 2)
-    r = attack(scoring=scoring).run(target, x, y)
+    r = attack(scoring=scoring).run(target, target, x, y)
     assert r.success.all()
     cell = torch.zeros(H, W, dtype=torch.bool)
     cell[4:8, 8:12] = True
@@ -70,7 +76,7 @@ def test_removal_finds_the_planted_patch_and_the_fewest_pixels():
     y = torch.ones(2, dtype=torch.long)
     model = Patches({(1, 2): -1.0}, bias=-8.0)
     target = WhiteBoxTarget(model, 2)
-    r = RegionsAttack(segmentation="grid", n_segments=16).run(target, x, y)
+    r = RegionsAttack(segmentation="grid", n_segments=16).run(target, target, x, y)
     assert r.success.all()
     assert (r.regions[:, 4:8, 8:12] == 1).all() and int(r.regions.max()) == 1
     changed = (r.corrected - x).abs().sum(1) > 0
@@ -89,7 +95,7 @@ def test_two_causes_are_both_needed_and_ranked_by_contribution():
     # Each cell alone can add at most 16 * 0.5 * weight; the deficit needs both.
     x, y = grey()
     model = Patches({(0, 0): 1.0, (3, 3): 2.0, (2, 1): 0.01}, bias=(16 * 3.01) * 128 / 255 + 18)
-    r = attack(shrink_steps=0).run(WhiteBoxTarget(model, 2), x, y)
+    r = attack(shrink_steps=0).run(*_wb(model, 2), x, y)
     assert r.success.all()
     for ranks in r.regions:
         assert set(ranks.unique().tolist()) == {0, 1, 2}
@@ -102,7 +108,7 @@ def test_pruning_takes_back_a_region_that_is_not_needed():
     # The first step on two cells overshoots; the weaker one is not needed and is dropped.
     x, y = grey(1)
     model = Patches({(0, 0): 1.0, (3, 3): 1.2}, bias=(16 * 2.2) * 128 / 255 + 5)
-    r = attack(steps_per_region=1).run(WhiteBoxTarget(model, 2), x, y)
+    r = attack(steps_per_region=1).run(*_wb(model, 2), x, y)
     assert r.success.all()
     assert int(r.regions.max()) == 1 and (r.regions[0, 12:, 12:] == 1).all()
 
@@ -111,7 +117,7 @@ def test_budget_is_never_exceeded_and_failures_are_reported():
     x, y = grey(2)
     model = Patches({(0, 0): 1.0}, bias=1e6)  # impossible
     target = WhiteBoxTarget(model, 2)
-    r = attack(max_queries=9).run(target, x, y)
+    r = attack(max_queries=9).run(target, target, x, y)
     assert not r.success.any()
     assert (r.queries <= 9).all() and target.queries == int(r.queries.sum())
 
@@ -121,9 +127,8 @@ def test_black_box_asks_the_target_only_when_the_surrogate_is_confident(output):
     x, y = grey()
     model = Patches({(1, 2): 1.0}, bias=16 * 128 / 255 + 4)
     target = from_module(model, 2, output=output)
-    r = RegionsTransferAttack(model, 2, segmentation="grid", n_segments=16, shrink_steps=0, change="free",
-                              scoring="gradient", pixel_steps=0).run(
-        target, x, y, torch.arange(3))
+    r = RegionsAttack(segmentation="grid", n_segments=16, shrink_steps=0, change="free",
+                      scoring="gradient", pixel_steps=0).run(target, ModelGuide(model, 2), x, y, torch.arange(3))
     assert r.success.all()
     assert r.queries.tolist() == [1, 1, 1]  # an exact surrogate: the first candidate is right
     assert target.queries == 3
@@ -152,7 +157,7 @@ def test_explanation_order_is_lexicographic():
 def test_explanation_uses_the_method_regions():
     x, y = grey(1)
     model = Patches({(1, 2): 1.0}, bias=16 * 128 / 255 + 4)
-    r = attack().run(WhiteBoxTarget(model, 2), x, y)
+    r = attack().run(*_wb(model, 2), x, y)
     e = explain_changes(x.permute(0, 2, 3, 1).numpy(), r.corrected.permute(0, 2, 3, 1).numpy(),
                         region_ranks=r.regions.numpy(), region_gain=r.importance.numpy())[0]
     assert len(e.regions) == 1
@@ -177,7 +182,7 @@ def test_black_box_removal_is_measured_on_the_surrogate_and_verified_by_the_targ
     y = torch.ones(2, dtype=torch.long)
     model = Patches({(1, 2): -1.0}, bias=-8.0)
     target = from_module(model, 2, output=output)
-    r = RegionsTransferAttack(model, 2, segmentation="grid", n_segments=16).run(target, x, y, torch.arange(2))
+    r = RegionsAttack(segmentation="grid", n_segments=16).run(target, ModelGuide(model, 2), x, y, torch.arange(2))
     assert r.success.all()
     assert (r.regions[:, 4:8, 8:12] == 1).all() and int(r.regions.max()) == 1
     # Measuring 16 regions cost nothing; the target saw only the bisections' candidates.
@@ -192,7 +197,7 @@ def test_a_budget_too_small_to_measure_every_region_grows_regions_within_it():
     x[:, :, 4:8, 8:12] = 1.0
     y = torch.ones(2, dtype=torch.long)
     target = WhiteBoxTarget(Patches({(1, 2): -1.0}, bias=-8.0), 2)
-    r = RegionsAttack(segmentation="grid", n_segments=16, max_queries=12, pixel_steps=2).run(target, x, y)
+    r = RegionsAttack(segmentation="grid", n_segments=16, max_queries=12, pixel_steps=2).run(target, target, x, y)
     assert r.success.all()
     assert (r.queries <= 12).all() and target.queries == int(r.queries.sum())
     assert (r.regions[:, 4:8, 8:12] == 1).all()
@@ -201,26 +206,23 @@ def test_a_budget_too_small_to_measure_every_region_grows_regions_within_it():
 def test_per_image_fallback_keeps_the_region_maps():
     """When a batch fails and is redone image by image, the regions survive; a failed image
     gets empty maps."""
+    from flipback.runs.engine import Engine
     from flipback.runs.explain_run import _attack_batch
 
     x = torch.zeros(3, 1, H, W)
     x[:, :, 4:8, 8:12] = 1.0
     y = torch.ones(3, dtype=torch.long)
     model = Patches({(1, 2): -1.0}, bias=-8.0)
-    attack = RegionsAttack(segmentation="grid", n_segments=16)
 
-    class Session:
-        num_classes = 2
-
-        def attack(self, xb, yb, idx):
-            if len(xb) > 1 or int(idx[0]) == 1:
+    class Fragile(RegionsAttack):
+        def run(self, oracle, guide, images, labels, ids=None, **kw):
+            if len(images) > 1 or int(ids[0]) == 1:
                 raise RuntimeError("broken image")
-            return attack.run(WhiteBoxTarget(model, 2), xb, yb)
+            return super().run(oracle, guide, images, labels, ids, **kw)
 
-        def spent(self):
-            return 0
-
-    result, errors, _ = _attack_batch(Session(), x, y, np.arange(3))
+    target = WhiteBoxTarget(model, 2)
+    engine = Engine(target, target, Fragile(segmentation="grid", n_segments=16))
+    result, errors, _ = _attack_batch(engine, x, y, np.arange(3))
     assert result.success.tolist() == [True, False, True]
     assert errors[1].startswith("RuntimeError") and errors[0] is None
     assert result.regions.shape == (3, H, W) and result.order.shape == (3, H, W)
@@ -256,7 +258,7 @@ def test_after_the_change_regions_rank_by_their_effect_on_top_of_it(max_queries)
         x[:, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] = 1.0
     y = torch.ones(2, dtype=torch.long)
     target = WhiteBoxTarget(Interaction(x, local_blur(x, 4.0)), 2)
-    r = RegionsAttack(segmentation="grid", n_segments=16, max_queries=max_queries).run(target, x, y)
+    r = RegionsAttack(segmentation="grid", n_segments=16, max_queries=max_queries).run(target, target, x, y)
     assert r.success.all()
     assert (r.queries <= max_queries).all() and target.queries == int(r.queries.sum())
     changed = (r.corrected - x).abs().sum(1) > 0

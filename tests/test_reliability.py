@@ -21,8 +21,10 @@ from typer.testing import CliRunner
 from flipback.cli import app
 from flipback.errors import RunError
 from flipback.runs import explain_run
-from flipback.runs.session import Session
-from flipback.store import RunStore
+from flipback.attacks import AttackResult, CorrectiveAttack
+from flipback.runs.engine import Engine
+from flipback.targets import WhiteBoxTarget
+from flipback.store import ImageRecord, RunStore
 from flipback.targets.blackbox import TargetError
 from random_models import save_random_surrogate
 
@@ -152,20 +154,28 @@ def test_black_box_images_that_fail_keep_the_queries_they_spent(data, tmp_path, 
 # ------------------------------------------------------------------ a target that stops answering
 
 
-def _session(fail):
-    """A fake one-image-at-a-time session: fail(i) -> an exception for image i, or None."""
-    spent = {"n": 0}
+class _Scripted(CorrectiveAttack):
+    """Spends one query per image on the oracle, then fails with fail(id) for some images."""
 
-    def attack(x, y, idx):
-        spent["n"] += len(x)
-        for i in idx:
-            exc = fail(int(i))
+    def __init__(self, fail):
+        super().__init__()
+        self.fail = fail
+
+    def run(self, oracle, guide, images, labels, ids=None, **kw):
+        oracle.ask(images, ids)
+        for i in ids:
+            exc = self.fail(int(i))
             if exc is not None:
                 raise exc
-        return explain_run.AttackResult(x.clone(), torch.ones(len(x), dtype=torch.bool),
-                                        torch.ones(len(x), dtype=torch.long), torch.zeros(len(x), 3))
+        n = len(images)
+        return AttackResult(images.clone(), torch.ones(n, dtype=torch.bool), torch.ones(n, dtype=torch.long),
+                            torch.zeros(n, 3), labels=labels.clone())
 
-    return Session(3, lambda x: torch.zeros(len(x), 3), attack, spent=lambda: spent["n"])
+
+def _session(fail):
+    """An engine over a one-pixel model whose attack fails for the images that fail(i) names."""
+    target = WhiteBoxTarget(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)), 3)
+    return Engine(target, target, _Scripted(fail))
 
 
 def _down(i):
@@ -175,9 +185,12 @@ def _down(i):
 def test_one_image_the_target_fails_on_is_recorded_to_retry_two_in_a_row_stop_the_run():
     x, y = torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
     idx = np.arange(10, 14)
-    result, errors, retry = explain_run._attack_batch(_session(lambda i: _down(i) if i == 11 else None), x, y, idx)
+    engine = _session(lambda i: _down(i) if i == 11 else None)
+    result, errors, retry = explain_run._attack_batch(engine, x, y, idx)
     assert result.success.tolist() == [True, False, True, True] and retry == [False, True, False, False]
-    assert errors[1].startswith("TargetError") and result.queries.tolist() == [1, 1, 1, 1]
+    assert errors[1].startswith("TargetError")
+    # The failed batch's queries stay charged: each image spent 1 in the batch, then 1 alone.
+    assert engine.spent(idx).tolist() == [2, 2, 2, 2]
     # A malformed answer is the image's own problem: recorded, not retried.
     bad = lambda i: TargetError("malformed answer") if i == 12 else None  # noqa: E731
     _, errors, retry = explain_run._attack_batch(_session(bad), x, y, idx)
@@ -187,13 +200,19 @@ def test_one_image_the_target_fails_on_is_recorded_to_retry_two_in_a_row_stop_th
         explain_run._attack_batch(_session(lambda i: _down(i) if i >= 12 else None), x, y, idx)
 
 
+def _record(index, queries, error, retry):
+    return ImageRecord(index=index, name=f"{index}.png", true=0, pred_before=1, pred_after=-1, true_name="a",
+                       pred_before_name="b", pred_after_name=None, success=False, queries=queries, error=error,
+                       retry=retry)
+
+
 def test_images_to_retry_are_not_done_and_keep_their_queries(tmp_path):
     with RunStore.open(tmp_path / "run", {"k": 1}) as store:
-        recs = [{"index": i, "queries": q, "error": e, **({"retry": True} if r else {})}
+        recs = [_record(i, q, e, r)
                 for i, q, e, r in ((0, 2, None, False), (1, 3, "TargetError: down", True), (2, 1, "bad", False))]
         store.add(recs, np.zeros((3, 2, 2, 1), np.uint8), np.zeros((3, 2, 2, 1), np.uint8), 0.1)
         assert store.done() == {0, 2} and store.to_retry() == {1: 3}
-        store.add([{"index": 1, "queries": 4, "error": None}], np.zeros((1, 2, 2, 1), np.uint8),
+        store.add([_record(1, 4, None, False)], np.zeros((1, 2, 2, 1), np.uint8),
                   np.zeros((1, 2, 2, 1), np.uint8), 0.1)
         assert store.done() == {0, 1, 2} and store.to_retry() == {}
 

@@ -1,10 +1,12 @@
-"""Black-box corrective attacks on scripted targets whose query needs are known exactly."""
+"""The corrective attacks in black-box mode (a surrogate guide) on scripted targets whose query
+needs are known exactly."""
 
 import numpy as np
 import pytest
 import torch
 
-from flipback.attacks.transfer import FastTransferAttack, PaperTransferAttack
+from flipback.attacks import FastAttack, PaperAttack
+from flipback.targets import ModelGuide
 from flipback.targets.blackbox import from_module
 from flipback.targets.surrogate import as_probabilities, load_surrogate, save_surrogate, train_surrogate
 
@@ -38,7 +40,7 @@ def test_paper_method_spends_exactly_the_steps_it_needs(output):
     steps = [1, 3, 2, 5, 1]
     x, y, model = images_needing(steps)
     target = from_module(model, 2, output=output)
-    r = PaperTransferAttack(model, 2).run(target, x, y, torch.arange(len(x)))
+    r = PaperAttack().run(target, ModelGuide(model, 2), x, y, torch.arange(len(x)))
     assert r.success.all()
     assert r.queries.tolist() == steps
     assert target.queries == sum(steps)
@@ -49,7 +51,7 @@ def test_paper_method_spends_exactly_the_steps_it_needs(output):
 def test_fast_method_needs_one_query_when_the_surrogate_is_exact(output):
     x, y, model = images_needing([1, 4, 2, 7])
     target = from_module(model, 2, output=output)
-    r = FastTransferAttack(model, 2).run(target, x, y, torch.arange(len(x)))
+    r = FastAttack().run(target, ModelGuide(model, 2), x, y, torch.arange(len(x)))
     assert r.success.all() and r.queries.tolist() == [1, 1, 1, 1] and target.queries == 4
     on_grid = torch.round(r.corrected * 255) / 255
     assert torch.equal(on_grid, r.corrected)
@@ -62,7 +64,7 @@ def test_fast_method_raises_its_wanted_margin_until_the_target_agrees(output, ex
     x, y, target_model = images_needing([3, 3])
     surrogate = Scripted(target_model.bias - 40)
     target = from_module(target_model, 2, output=output)
-    r = FastTransferAttack(surrogate, 2, confidence=4.0, direction="sign").run(target, x, y, torch.arange(len(x)))
+    r = FastAttack(confidence=4.0, direction="sign").run(target, ModelGuide(surrogate, 2), x, y, torch.arange(len(x)))
     # Wanted surrogate margins: 4 (one step: surrogate 16, target -24: wrong). Labels only: then
     # max(2*4, 16+4) = 20 (surrogate 32, target -8: wrong), then max(40, 36) = 40 (surrogate 48,
     # target 8: right), 3 queries. With scores the target's gap of 24 is added: 20 + 24 = 44,
@@ -75,7 +77,7 @@ def test_fast_method_raises_its_wanted_margin_until_the_target_agrees(output, ex
 def test_per_image_budget_is_never_exceeded():
     x, y, model = images_needing([3, 9])
     target = from_module(model, 2, output="scores", per_image_budget=4)
-    r = PaperTransferAttack(model, 2, max_steps=4).run(target, x, y, torch.arange(2))
+    r = PaperAttack(max_steps=4).run(target, ModelGuide(model, 2), x, y, torch.arange(2))
     assert r.success.tolist() == [True, False]
     assert r.queries.tolist() == [3, 4] and target.queries_for(torch.arange(2)).tolist() == [3, 4]
 

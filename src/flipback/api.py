@@ -99,8 +99,8 @@ def explain(model, images, labels, *, method: str = "minimal", pixels: str = "ui
         wrong = (before != yb).nonzero().squeeze(1)
         if len(wrong) == 0:
             continue
-        r = attack.run(target, xb[wrong], yb[wrong])
-        after = torch.nan_to_num(r.logits, nan=-1e30).argmax(1)
+        r = attack.run(target, target, xb[wrong], yb[wrong], start + wrong)
+        after = r.answered()
         originals = xb[wrong].permute(0, 2, 3, 1).numpy()
         corrected = r.corrected.permute(0, 2, 3, 1).numpy()
         for j, e in enumerate(explain_changes(originals, corrected)):

@@ -131,7 +131,7 @@ def explain(
     data: str = typer.Option(..., help="Image folder, IDX folder/file, or .npz."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed when it holds the same run)."),
     mode: Mode = typer.Option(Mode.white_box, help="white-box: the model's gradients."),
-    method: str = typer.Option("minimal", help="paper | fast | minimal | regions (black-box: paper | fast | regions)"),
+    method: str = typer.Option("minimal", help="paper | fast | minimal | regions (each runs in both modes)"),
     budget: Optional[int] = typer.Option(None, help="Most queries per image (default: the method's)."),
     step: Optional[str] = typer.Option(None, help="paper method: step size, e.g. 2/255 (default 1/255)."),
     pixels: Pixels = typer.Option(Pixels.uint8, help="uint8: corrections must survive 8-bit rounding."),
@@ -141,7 +141,6 @@ def explain(
     std: Optional[str] = typer.Option(None, help="Input normalization std."),
     figures: bool = typer.Option(True, help="Write a PNG figure per image."),
     batch_size: int = typer.Option(256, min=1),
-    seed: int = typer.Option(0),
     resume: bool = typer.Option(True, help="Resume a run folder holding the same run."),
     trust_model: bool = typer.Option(False, help="Allow unpickling a full model file (can run code)."),
     surrogate: Optional[str] = typer.Option(None, help="black-box: surrogate file from `flipback surrogate`."),
@@ -155,7 +154,7 @@ def explain(
     def go():
         cfg = ExplainConfig(model=model, data=data, mode=mode.value, method=method, pixels=pixels.value,
                             budget=budget, split=split, limit=limit, mean=_floats(mean), std=_floats(std),
-                            seed=seed, trust_model=trust_model, figures=figures, batch_size=batch_size,
+                            trust_model=trust_model, figures=figures, batch_size=batch_size,
                             options=_step_option(method, step), surrogate=surrogate, output=output.value,
                             timeout=timeout, retries=retries)
         summary = run_explain(cfg, out_dir, show_progress=not _state["quiet"], resume=resume, log=_log)

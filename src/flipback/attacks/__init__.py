@@ -1,6 +1,10 @@
-"""Corrective attacks: each a small class with one verb, `run(target, images, labels)`."""
+"""Corrective attacks: each a small class with one verb, `run(oracle, guide, images, labels)`.
 
-from .base import MIN_MARGIN, PIXELS, AttackResult, CorrectiveAttack, to_grid
+One registry lists every method with the modes it runs in. White-box, the target is both
+oracle and guide; black-box, the oracle is the target and the guide a surrogate.
+"""
+
+from .base import MIN_MARGIN, MODES, PIXELS, AttackCall, AttackResult, Corrected, CorrectiveAttack, Verdict, to_grid
 from .fast import FastAttack
 from .minimal import MinimalAttack
 from .paper import PaperAttack
@@ -17,5 +21,11 @@ def make_attack(name: str, **options) -> CorrectiveAttack:
     return ATTACKS[name](**options)
 
 
-__all__ = ["ATTACKS", "AttackResult", "CorrectiveAttack", "FastAttack", "MIN_MARGIN", "MinimalAttack",
-           "PIXELS", "PaperAttack", "RegionsAttack", "make_attack", "to_grid"]
+def methods_table() -> dict[str, tuple[str, ...]]:
+    """Every method and the modes it supports."""
+    return {name: cls.modes for name, cls in ATTACKS.items()}
+
+
+__all__ = ["ATTACKS", "AttackCall", "AttackResult", "Corrected", "CorrectiveAttack", "FastAttack", "MIN_MARGIN",
+           "MODES", "MinimalAttack", "PIXELS", "PaperAttack", "RegionsAttack", "Verdict", "make_attack",
+           "methods_table", "to_grid"]

@@ -30,16 +30,16 @@ The result carries the regions ranked by the margin each gained (`regions`), eac
 gain (`importance`) and a ranking of all pixels for faithfulness metrics (`order`).
 
 White-box: every evaluation of a modified image is a counted query; a gradient query also
-verifies its candidate. The black-box version (`transfer.RegionsTransferAttack`) measures
-and steps on the surrogate for free and asks the target only to verify candidates.
+verifies its candidate. Black-box (a surrogate guide), the same method measures and steps on
+the surrogate for free and asks the target only to verify candidates.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..targets.whitebox import margin, smooth_margin
-from .base import MIN_MARGIN, AttackResult, CorrectiveAttack, to_grid
+from ..targets.guide import margin, smooth_margin
+from .base import AttackCall, AttackResult, CorrectiveAttack, Verdict, to_grid
 from .segments import segment
 
 
@@ -96,7 +96,7 @@ def rank_map(onehot: torch.Tensor, selected: torch.Tensor, contribution: torch.T
     0 outside the selected regions."""
     score = torch.where(selected, contribution, torch.full_like(contribution, float("-inf")))
     order = score.argsort(1, descending=True)
-    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(1, order.shape[1] + 1).expand_as(order))
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(1, order.shape[1] + 1, device=order.device).expand_as(order))
     ranks = torch.where(selected, ranks, torch.zeros_like(ranks))
     per_pixel = torch.bmm(onehot, ranks.float()[:, :, None]).squeeze(2)
     return per_pixel.round().long().view(shape[0], shape[2], shape[3])
@@ -107,12 +107,23 @@ SCORINGS = ("removal", "gradient")
 
 
 class RegionsAttack(CorrectiveAttack):
+    """The `regions` method against any (oracle, guide). Where the guide is the target itself,
+    every guiding evaluation is a counted query that also verifies; where it is a surrogate,
+    the regions' effects and the steps come free, and the oracle is asked only once the
+    surrogate's margin reaches a wanted value (`confidence` above its margin on the original,
+    doubling after each refusal) or, where the bounded change stalls below that, before the
+    next region joins if the surrogate is then right and more so than at the last refusal.
+
+    `max_queries` (the per-image budget) defaults to 250 with a paid guide and 40 with a free
+    one; `pixel_steps` to 8 and 6. `max_steps` bounds the free guide's growing steps."""
+
     name = "regions"
 
     def __init__(self, *, change: str = "remove", scoring: str = "removal", eps: float = 0.5, blur: float = 4.0,
                  segmentation: str = "slic", region_steps: int = 7, n_segments: int | None = None,
                  compactness: float = 0.1, steps_per_region: int = 2, max_regions: int = 16, prune_steps: int = 2,
-                 pixel_steps: int = 8, shrink_steps: int = 3, max_queries: int = 250, pixels: str = "uint8"):
+                 pixel_steps: int | None = None, shrink_steps: int = 3, max_queries: int | None = None,
+                 confidence: float = 4.0, max_steps: int = 64, pixels: str = "uint8"):
         super().__init__(pixels=pixels)
         if change not in CHANGES:
             raise ValueError(f"change must be one of {CHANGES}, got {change!r}")
@@ -126,64 +137,60 @@ class RegionsAttack(CorrectiveAttack):
         self.steps_per_region, self.max_regions = steps_per_region, max_regions
         self.prune_steps, self.pixel_steps, self.shrink_steps = prune_steps, pixel_steps, shrink_steps
         self.max_queries = max_queries
+        self.confidence, self.max_steps = confidence, max_steps
 
-    # The two hooks a black-box version replaces. White-box: one counted gradient query both
-    # guides the next step and verifies the candidate.
-    def _probe(self, target, x, labels, rows):
-        """-> (verified correct, the target's answer, gradient to follow, rows that cost a query).
-        `rows` are the images' positions in the batch."""
-        out, g = target.gradient(x, labels, smooth_margin)
-        return margin(out, labels) > MIN_MARGIN, out, g, torch.ones(len(x), dtype=torch.bool)
+    def _pixel_steps(self, call: AttackCall) -> int:
+        if self.pixel_steps is not None:
+            return self.pixel_steps
+        return 6 if call.guide.free else 8
 
-    def _check(self, target, x, labels, rows):
-        """-> (verified correct, the target's answer); one counted query per image."""
-        out = target.predict(x)
-        return margin(out, labels) > MIN_MARGIN, out
-
-    def _margins(self, target, x, labels, counted: bool = True):
-        """The margin of the true label on candidates that guide the search (not verdicts)."""
-        return margin(target.predict(x, counted=counted), labels)
-
-    def _start_gradient(self, target, x, labels):
-        return target.gradient(x, labels, smooth_margin, counted=False)[1]
-
-    def _reserve(self) -> int:
+    def _reserve(self, call: AttackCall) -> int:
         """Queries kept back for the steps after the first success."""
-        return self.prune_steps + 2 * self.pixel_steps + self.shrink_steps
+        return self.prune_steps + 2 * self._pixel_steps(call) + self.shrink_steps
 
-    def _iterations(self) -> int:
-        return self.max_queries - self._reserve()
+    def budget_for(self, *, guide_free: bool) -> int:
+        if self.max_queries is not None:
+            return self.max_queries
+        return 40 if guide_free else 250
 
-    def run(self, target, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None = None) -> AttackResult:
-        self._ids = torch.arange(len(images)) if ids is None else ids
-        corrected, success, queries, logits = self._start(target, images)
-        self._queries = queries
-        x0 = corrected.clone()
+    def run(self, oracle, guide, images, labels, ids=None, *, budget=None) -> AttackResult:
+        call = self.start(oracle, guide, images, labels, ids, budget)
+        limit = int(call.budget.max()) if len(call) else 0
+        reserve = self._reserve(call)
+        x0, dev = call.x0, call.device
         shape = x0.shape
         onehot = region_onehot(segment(x0, self.segmentation, self.n_segments, self.compactness))
         n, s = len(x0), onehot.shape[2]
-        selected = torch.zeros(n, s, dtype=torch.bool)
-        since = torch.zeros(n, dtype=torch.long)  # steps since the last region joined
+        everyone = torch.arange(n, device=dev)
+        selected = torch.zeros(n, s, dtype=torch.bool, device=dev)
+        since = torch.zeros(n, dtype=torch.long, device=dev)  # steps since the last region joined
         delta = torch.zeros_like(x0)
         lo, hi, size = change_bounds(x0, self.change, self.eps, self.blur)
         final_grad = torch.zeros_like(x0)
-        g = self._start_gradient(target, x0, labels)
+        out0, g = call.original_gradient(smooth_margin)
+        base0 = margin(call.original_logits(), call.labels)
+        # A free guide's asking policy (see the class docstring).
+        policy = {"want": margin(out0, call.labels).clamp_min(0) + self.confidence,
+                  "refused": torch.zeros(n, device=dev),  # the guide's margin at the last refusal
+                  "since": torch.zeros(n, dtype=torch.long, device=dev), "reserve": reserve}
         start_grad = g.clone()
         # The whole change a region allows: all the way to the blur, or eps along the gradient.
         full = hi + lo if self.change == "remove" else torch.maximum(torch.minimum(2 * size * g.sign(), hi), lo)
-        affordable = not self._counts_guidance() or s + 1 + self.region_steps <= self.max_queries - self._reserve()
+        affordable = call.guide.free or s + 1 + self.region_steps <= limit - reserve
         if self.scoring == "removal" and affordable:
-            effect = self._measure_regions(target, x0, labels, full, onehot, queries)
-            self._fewest_regions(target, x0, labels, full, onehot, effect, selected, delta, corrected, success,
-                                 logits, queries)
-            final_grad[success] = start_grad[success]
+            effect = self._measure_regions(call, everyone, x0, full, onehot, base0)
+            self._fewest_regions(call, full, onehot, effect, selected, delta)
+            final_grad[call.success] = start_grad[call.success]
         else:
             effect = region_scores(start_grad * full, onehot)  # first-order, where no query measured it
         region_effect = effect_map(onehot, effect, shape[2:])
-        active = (~success).nonzero().squeeze(1)
+        active = (~call.success).nonzero().squeeze(1)
         g = g[active]
-        for _ in range(self._iterations()):
-            if len(active) == 0 or int(queries[active].min()) >= self.max_queries - self._reserve():
+        for _ in range(self.max_steps if call.guide.free else max(0, limit - reserve)):
+            if not call.guide.free:  # each step is a query: stop where only the reserve is left
+                room_left = call.left(active) > reserve
+                active, g = active[room_left], g[room_left]
+            if len(active) == 0:
                 break
             a = active
             k = selected[a].sum(1)
@@ -196,104 +203,119 @@ class RegionsAttack(CorrectiveAttack):
                 since[a[need]] = 0
             step = size[a] * g.sign() * pixel_mask(onehot[a], selected[a], (len(a), *shape[1:]))
             x = to_grid(x0[a] + torch.maximum(torch.minimum(delta[a] + step, hi[a]), lo[a]), self.pixels)
-            ok, out, g, asked = self._probe(target, x, labels[a], a)
-            queries[a] += asked.long()
+            verdict, g = self._probe(call, a, x, policy)
             since[a] += 1
             delta[a] = x - x0[a]
-            corrected[a] = x
-            logits[a[asked]] = out[asked]
-            success[a[ok]] = True
+            call.corrected[a] = x
+            call.record(a, x, verdict, where=verdict.asked)
+            ok = verdict.ok
             final_grad[a[ok]] = g[ok]
             active, g = a[~ok], g[~ok]
 
-        done = success.nonzero().squeeze(1)
+        done = call.success.nonzero().squeeze(1)
         if len(done):
-            self._prune(target, labels, x0, delta, selected, final_grad, onehot, done, corrected, logits, queries)
+            self._prune(call, delta, selected, final_grad, onehot, done)
             # Two orders for the fewest pixels: the correction's own pixels by the margin each
             # gained, and every pixel by the first-order gain of its whole allowed change.
             gain = (delta * start_grad).sum(1).masked_fill(delta.abs().sum(1) == 0, float("-inf"))
-            self._fewest_pixels(target, labels, x0, delta, delta.clone(), gain, done, corrected, logits, queries,
-                                verified=True)
+            self._fewest_pixels(call, delta, delta.clone(), gain, done, verified=True)
             potential = (full * start_grad).sum(1)
-            self._fewest_pixels(target, labels, x0, delta, full, potential.masked_fill(potential <= 0, float("-inf")),
-                                done, corrected, logits, queries, verified=False)
+            self._fewest_pixels(call, delta, full, potential.masked_fill(potential <= 0, float("-inf")), done,
+                                verified=False)
             # The regions are those the final correction touches.
             selected[done] = region_scores(delta[done].abs(), onehot[done]) > 0
-            self._shrink(target, labels, x0, delta, done, corrected, logits, queries)
-            if self._counts_guidance():
+            self._shrink(call, delta, done)
+            if call.guide_is_oracle:
                 # The gradient at the final correction, one counted query: the far end of the path.
-                # (A black-box version keeps its surrogate's gradient at its last step.)
-                ends = done[queries[done] < self.max_queries]
+                # (With a free guide, its gradient at its last step stands in.)
+                ends = done[call.left(done) > 0]
                 if len(ends):
-                    final_grad[ends] = target.gradient(corrected[ends], labels[ends], smooth_margin)[1].to(x0)
-                    queries[ends] += 1
+                    final_grad[ends] = call.steer(ends, call.corrected[ends], smooth_margin)[2].to(x0)
             if self.scoring == "removal" and affordable:
-                self._measure_after(target, labels, corrected, full - delta, onehot, done, queries, region_effect)
+                self._measure_after(call, full - delta, onehot, done, region_effect)
         # Each pixel's share of the margin gained: its change times the mean of the gradients at
         # both ends of the path (a two-point integrated gradient along x0 -> x0 + delta).
         pixel_gain = (delta * (start_grad + final_grad) / 2).sum(1, keepdim=True)
         regions = rank_map(onehot, selected, region_scores(pixel_gain, onehot), shape)
         changed = delta.abs().sum(1) > 0
         order = explanation_order(changed, pixel_gain.squeeze(1), region_effect, (full * start_grad).sum(1))
-        return AttackResult(corrected, success, queries, logits, regions=regions,
-                            importance=pixel_gain.squeeze(1) * (regions > 0), order=order)
+        return call.result(regions=regions, importance=pixel_gain.squeeze(1) * (regions > 0), order=order)
 
-    def _measure_regions(self, target, x0, labels, full, onehot, queries) -> torch.Tensor:
-        """(n, S): how much the true label's margin rises when one region alone gets its whole
-        change; one query per region, like occlusion but on the regions and the margin."""
-        base = self._margins(target, x0, labels, counted=False)
-        effect = torch.full(onehot.shape[::2], float("-inf"))
+    def _probe(self, call: AttackCall, rows, x, policy):
+        """-> (verdict, gradient to follow). A paid guide: one counted query both guides the next
+        step and verifies the candidate. A free guide: its gradient, and the oracle is asked
+        only where the policy says the candidate is promising and the budget's reserve holds."""
+        if call.guide_is_oracle:
+            verdict, _, g = call.probe(rows, x, smooth_margin)
+            return verdict, g
+        _, out, g = call.steer(rows, x, smooth_margin)
+        m = margin(out, call.labels[rows])
+        policy["since"][rows] += 1
+        stalled = (policy["since"][rows] % self.steps_per_region == 0) & (m > policy["refused"][rows] + 1)
+        ask = ((m >= policy["want"][rows]) | stalled) & (call.left(rows) > policy["reserve"])
+        verdict = call.check(rows, x) if bool(ask.all()) else _masked_check(call, rows, x, ask)
+        refused = ask & ~verdict.ok
+        r = rows[refused]
+        policy["want"][r] = torch.maximum(2 * policy["want"][r], m[refused] + self.confidence)
+        policy["refused"][r] = m[refused]
+        return verdict, g
+
+    def _measure_regions(self, call: AttackCall, rows, x, change, onehot, base) -> torch.Tensor:
+        """(rows, S): how much the true label's margin rises when one region alone gets its whole
+        change; one query per region with a paid guide (free with a surrogate), like occlusion
+        but on the regions and the margin. `base` is the margin without the change, already
+        known. Regions not measured (absent, or no budget left) read -inf."""
+        effect = torch.full((len(rows), onehot.shape[2]), float("-inf"), device=x.device)
         present = onehot.sum(1) > 0
         for r in range(onehot.shape[2]):
-            rows = present[:, r].nonzero().squeeze(1)
-            if len(rows) == 0:
+            sub = present[:, r].nonzero().squeeze(1)
+            if len(sub) == 0:
                 continue
-            mask = onehot[rows, :, r].view(len(rows), 1, *x0.shape[2:])
-            x = to_grid(x0[rows] + full[rows] * mask, self.pixels)
-            effect[rows, r] = self._margins(target, x, labels[rows]) - base[rows]
-            queries[rows] += 1 if self._counts_guidance() else 0
+            mask = onehot[sub, :, r].view(len(sub), 1, *x.shape[2:])
+            _, logits = call.guide_logits(rows[sub], to_grid(x[sub] + change[sub] * mask, self.pixels))
+            effect[sub, r] = torch.nan_to_num(margin(logits, call.labels[rows[sub]]) - base[sub], nan=float("-inf"))
         return effect
 
-    def _measure_after(self, target, labels, corrected, rest, onehot, idx, queries, region_effect) -> None:
+    def _measure_after(self, call: AttackCall, rest, onehot, idx, region_effect) -> None:
         """Re-measure, on top of the verified correction, each region's effect: the margin
         gained when the rest of its change is added to the corrected image; one query per
-        region that has change left, for the images whose budget pays for all of them.
-        `region_effect` (n, H, W) takes the new values, so that the pixels the explanation adds
-        after the correction keep it corrected where they can. Images the budget cannot pay
-        for keep the effects measured on the original image."""
+        region that has change left (paid guide), for the images whose budget pays for all of
+        them. `region_effect` (n, H, W) takes the new values, so that the pixels the explanation
+        adds after the correction keep it corrected where they can. Images the budget cannot
+        pay for keep the effects measured on the original image. The margin on the correction
+        itself is the oracle's answer already paid for (or the free guide's)."""
         left = onehot[idx] * (rest[idx].abs().sum(1).flatten(1) > 0)[:, :, None].float()
         need = (left.sum(1) > 0).sum(1)
-        fits = need <= self.max_queries - queries[idx] if self._counts_guidance() else torch.ones_like(need).bool()
+        fits = torch.ones_like(need).bool() if call.guide.free else need <= call.left(idx)
         rows = idx[fits]
         if len(rows) == 0:
             return
-        q = queries[rows].clone()
-        effect = self._measure_regions(target, corrected[rows], labels[rows], rest[rows], left[fits], q)
-        queries[rows] = q
+        if call.guide_is_oracle:
+            base = margin(call.scores[rows], call.labels[rows])
+        else:
+            base = margin(call.guide.logits(call.corrected[rows]), call.labels[rows])
+        effect = self._measure_regions(call, rows, call.corrected[rows], rest[rows], left[fits], base)
         # Regions with no change left (wholly inside the correction) were not asked: 0.
         region_effect[rows] = effect_map(onehot[rows], effect, region_effect.shape[1:])
 
-    def _counts_guidance(self) -> bool:
-        """Whether the guiding evaluations are target queries (white-box) or free (surrogate)."""
-        return True
-
-    def _fewest_regions(self, target, x0, labels, full, onehot, effect, selected, delta, corrected, success,
-                        logits, queries) -> None:
+    def _fewest_regions(self, call: AttackCall, full, onehot, effect, selected, delta) -> None:
         """The fewest regions, taken in order of measured effect, whose change together
         corrects: all helpful regions first (one query), then a bisection on their number."""
         n, _, s = onehot.shape
+        x0 = call.x0
         order = effect.argsort(dim=1, descending=True, stable=True)
         helpful = (effect > 0).sum(1)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(s).expand_as(order).contiguous())
+        ranks = torch.arange(s, device=order.device).expand_as(order).contiguous()
+        rank = torch.empty_like(order).scatter_(1, order, ranks)
 
         def attempt(rows, k):
             chosen = rank[rows] < k[:, None]
             x = to_grid(x0[rows] + full[rows] * pixel_mask(onehot[rows], chosen, x0[rows].shape), self.pixels)
-            ok, out = self._check(target, x, labels[rows], rows)
-            queries[rows] += 1
+            verdict = call.check(rows, x)
+            ok = verdict.ok
             good = rows[ok]
             selected[good], delta[good] = chosen[ok], x[ok] - x0[good]
-            corrected[good], logits[good], success[good] = x[ok], out[ok], True
+            call.record(rows, x, verdict, where=ok)
             return ok
 
         rows = (helpful > 0).nonzero().squeeze(1)
@@ -301,7 +323,7 @@ class RegionsAttack(CorrectiveAttack):
             return
         ok = attempt(rows, helpful[rows])
         rows = rows[ok]
-        lo = torch.zeros(len(rows), dtype=torch.long)
+        lo = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
         hi = helpful[rows].clone()
         for _ in range(self.region_steps):
             open_ = (hi - lo) > 1
@@ -313,8 +335,7 @@ class RegionsAttack(CorrectiveAttack):
             hi[sub] = torch.where(ok, mid, hi[sub])
             lo[sub] = torch.where(ok, lo[sub], mid)
 
-    def _prune(self, target, labels, x0, delta, selected, grad, onehot, idx, corrected, logits,
-               queries) -> None:
+    def _prune(self, call: AttackCall, delta, selected, grad, onehot, idx) -> None:
         """Take back the least-contributing region while the image stays corrected."""
         for _ in range(self.prune_steps):
             idx = idx[selected[idx].sum(1) >= 2]
@@ -323,34 +344,36 @@ class RegionsAttack(CorrectiveAttack):
             contribution = region_scores(grad[idx] * delta[idx], onehot[idx])
             weakest = contribution.masked_fill(~selected[idx], float("inf")).argmin(1)
             without = selected[idx].clone()
-            without[torch.arange(len(idx)), weakest] = False
+            without[torch.arange(len(idx), device=idx.device), weakest] = False
             d = delta[idx] * pixel_mask(onehot[idx], without, delta[idx].shape)
-            x = to_grid(x0[idx] + d, self.pixels)
-            ok, out = self._check(target, x, labels[idx], idx)
-            queries[idx] += 1
+            x = to_grid(call.x0[idx] + d, self.pixels)
+            verdict = call.check(idx, x)
+            ok = verdict.ok
             kept = idx[ok]
             selected[kept] = without[ok]
-            delta[kept], corrected[kept], logits[kept] = x[ok] - x0[kept], x[ok], out[ok]
+            delta[kept] = x[ok] - call.x0[kept]
+            call.record(idx, x, verdict, where=ok)
             idx = kept
 
-    def _fewest_pixels(self, target, labels, x0, delta, change, score, idx, corrected, logits, queries, *,
-                       verified: bool) -> None:
+    def _fewest_pixels(self, call: AttackCall, delta, change, score, idx, *, verified: bool) -> None:
         """The fewest pixels, taken in the order of `score` and given their part of `change`,
         that correct: a bisection on their number, one query per try. Kept only where it is
         verified and changes fewer pixels than the current correction. Unless `verified` (all
         of `change` is known to correct), the first try is as many pixels as the current
         correction has, and an order that fails there is dropped."""
-        if not self.pixel_steps or len(idx) == 0:
+        if not self._pixel_steps(call) or len(idx) == 0:
             return
+        x0 = call.x0
         current = (delta[idx].abs().sum(1).flatten(1) > 0).sum(1)
         usable = (change[idx].abs().sum(1).flatten(1) > 0) & torch.isfinite(score[idx].flatten(1))
         order = score[idx].flatten(1).masked_fill(~usable, float("-inf")).argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+        ranks = torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous()
+        rank = torch.empty_like(order).scatter_(1, order, ranks)
         base = change[idx]
-        lo = torch.zeros(len(idx), dtype=torch.long)  # known too few: none
+        lo = torch.zeros(len(idx), dtype=torch.long, device=idx.device)  # known too few: none
         hi = torch.minimum(usable.sum(1), current)  # enough if it is the current correction itself
-        known = torch.full((len(idx),), verified)
-        for _ in range(self.pixel_steps):
+        known = torch.full((len(idx),), verified, device=idx.device)
+        for _ in range(self._pixel_steps(call)):
             open_ = ((hi - lo) > 1) | (~known & (hi > 0))
             if not bool(open_.any()):
                 break
@@ -358,31 +381,44 @@ class RegionsAttack(CorrectiveAttack):
             p = torch.where(known[rows], (lo[rows] + hi[rows]) // 2, hi[rows])
             keep = (rank[rows] < p[:, None]).view(len(rows), 1, *x0.shape[2:])
             x = to_grid(x0[idx[rows]] + base[rows] * keep, self.pixels)
-            ok, out = self._check(target, x, labels[idx[rows]], idx[rows])
-            queries[idx[rows]] += 1
+            verdict = call.check(idx[rows], x)
+            ok = verdict.ok
             first_try = ~known[rows]
             hi[rows] = torch.where(ok, p, torch.where(first_try, 0, hi[rows]))  # an order that fails at once is dropped
             lo[rows] = torch.where(ok | first_try, lo[rows], p)
             known[rows] = True
-            good = idx[rows[ok & (p < current[rows])]]
             sel = ok & (p < current[rows])
-            delta[good], corrected[good], logits[good] = x[sel] - x0[good], x[sel], out[sel]
+            good = idx[rows[sel]]
+            delta[good] = x[sel] - x0[good]
+            call.record(idx[rows], x, verdict, where=sel)
             current[rows[sel]] = p[sel]
 
-    def _shrink(self, target, labels, x0, delta, idx, corrected, logits, queries) -> None:
+    def _shrink(self, call: AttackCall, delta, idx) -> None:
         """The smallest scale of the change (bisection in (0, 1]) that still corrects."""
-        lo = torch.zeros(len(idx))
-        hi = torch.ones(len(idx))
+        lo = torch.zeros(len(idx), device=idx.device)
+        hi = torch.ones(len(idx), device=idx.device)
         base = delta[idx].clone()
         for _ in range(self.shrink_steps):
             scale = (lo + hi) / 2
-            x = to_grid(x0[idx] + base * scale[:, None, None, None], self.pixels)
-            ok, out = self._check(target, x, labels[idx], idx)
-            queries[idx] += 1
+            x = to_grid(call.x0[idx] + base * scale[:, None, None, None], self.pixels)
+            verdict = call.check(idx, x)
+            ok = verdict.ok
             hi = torch.where(ok, scale, hi)
             lo = torch.where(ok, lo, scale)
             good = idx[ok]
-            delta[good], corrected[good], logits[good] = x[ok] - x0[good], x[ok], out[ok]
+            delta[good] = x[ok] - call.x0[good]
+            call.record(idx, x, verdict, where=ok)
+
+
+def _masked_check(call: AttackCall, rows, x, ask) -> Verdict:
+    """`call.check` on the rows in `ask` only, as a verdict over all `rows`."""
+    labels, scores = call._empty(len(rows))
+    ok = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+    asked = torch.zeros_like(ok)
+    if bool(ask.any()):
+        v = call.check(rows[ask], x[ask])
+        ok[ask], asked[ask], labels[ask], scores[ask] = v.ok, v.asked, v.labels, v.scores
+    return Verdict(ok, asked, labels, scores)
 
 
 def explanation_order(changed: torch.Tensor, gain: torch.Tensor, region_effect: torch.Tensor,
@@ -400,5 +436,5 @@ def explanation_order(changed: torch.Tensor, gain: torch.Tensor, region_effect: 
     order = order.gather(1, second.argsort(dim=1, descending=True, stable=True))
     first = flat(changed).gather(1, order).float()
     order = order.gather(1, first.argsort(dim=1, descending=True, stable=True))
-    ranks = torch.arange(order.shape[1], 0, -1, dtype=torch.float32).expand_as(order).contiguous()
-    return torch.empty(order.shape).scatter_(1, order, ranks).view_as(gain)
+    ranks = torch.arange(order.shape[1], 0, -1, dtype=torch.float32, device=order.device).expand_as(order).contiguous()
+    return torch.empty(order.shape, device=order.device).scatter_(1, order, ranks).view_as(gain)

@@ -21,10 +21,10 @@ def default_segments(h: int, w: int) -> int:
     return max(4, (h * w) // 10)
 
 
-def grid_segments(n: int, h: int, w: int, n_segments: int) -> torch.Tensor:
+def grid_segments(n: int, h: int, w: int, n_segments: int, device=None) -> torch.Tensor:
     side = max(1, round((h * w / n_segments) ** 0.5))
-    rows = torch.arange(h) // side
-    cols = torch.arange(w) // side
+    rows = torch.arange(h, device=device) // side
+    cols = torch.arange(w, device=device) // side
     per_row = int(cols.max()) + 1
     return (rows[:, None] * per_row + cols[None, :]).expand(n, h, w).clone()
 
@@ -32,14 +32,14 @@ def grid_segments(n: int, h: int, w: int, n_segments: int) -> torch.Tensor:
 def slic_segments(images: torch.Tensor, n_segments: int, compactness: float) -> torch.Tensor:
     from skimage.segmentation import slic
 
-    arr = images.permute(0, 2, 3, 1).double().numpy()
+    arr = images.permute(0, 2, 3, 1).double().cpu().numpy()
     gray = arr.shape[-1] == 1
     out = np.stack([
         slic(a[..., 0] if gray else a, n_segments=n_segments, compactness=compactness, start_label=0,
              channel_axis=None if gray else -1, convert2lab=False)
         for a in arr
     ])
-    return torch.from_numpy(out.astype(np.int64))
+    return torch.from_numpy(out.astype(np.int64)).to(images.device)
 
 
 def segment(images: torch.Tensor, method: str = "slic", n_segments: int | None = None,
@@ -53,5 +53,5 @@ def segment(images: torch.Tensor, method: str = "slic", n_segments: int | None =
     n, _, h, w = images.shape
     k = n_segments or default_segments(h, w)
     if method == "grid":
-        return grid_segments(n, h, w, k)
+        return grid_segments(n, h, w, k, images.device)
     return slic_segments(images, k, compactness)

@@ -11,11 +11,14 @@ the bounding box of the part of its mean heatmap that carries half its mass.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from .regions import _regions_for_image, change_magnitude, smooth_heatmaps
+
+if TYPE_CHECKING:  # the runner passes its records; nothing here depends on the store
+    from ..store.record import ImageRecord
 
 MIN_ERRORS = 3
 
@@ -41,19 +44,19 @@ def _heatmap(pair, sigma: float) -> np.ndarray | None:
     return smooth_heatmaps(change_magnitude((c - o)[None]), sigma)[0]
 
 
-def recurring_causes(records: Sequence[dict], load: Callable[[int], tuple | None], classes: Sequence[str], *,
+def recurring_causes(records: Sequence["ImageRecord"], load: Callable[[int], tuple | None], classes: Sequence[str], *,
                      min_errors: int = MIN_ERRORS, max_members: int = 300, sigma: float = 1.0) -> dict:
     """{"reference": float, "pairs": [{true, pred, true_name, pred_name, n, consistency, region}]}
     over the corrected errors in `records`; `load(index)` gives (original, corrected) arrays."""
     groups: dict[tuple[int, int], list[np.ndarray]] = {}
     shape = None
     for r in records:
-        if not r.get("success"):
+        if not r.success:
             continue
-        key = (int(r["true"]), int(r["pred_before"]))
+        key = (int(r.true), int(r.pred_before))
         if len(groups.get(key, ())) >= max_members:
             continue
-        pair = load(int(r["index"]))
+        pair = load(int(r.index))
         heat = _heatmap(pair, sigma) if pair is not None else None
         if heat is None or (shape is not None and heat.shape != shape):
             continue

@@ -548,7 +548,7 @@ def _read_records(run_dir: Path) -> list[dict]:
     if store is None:
         return []
     try:
-        return store.records()
+        return [r.to_dict() for r in store.records()]  # the pages read plain, untrusted dicts
     finally:
         store.close()
 

@@ -20,25 +20,17 @@ from PIL import Image
 
 from ..attacks import AttackResult
 from ..data import Dataset, load_dataset
-from ..errors import FlipbackError, ModelError, RunError
+from ..errors import ModelError, RunError
 from ..explain import explain_changes, save_figure
 from ..explain.recurring import recurring_causes
 from ..report import write_report
-from ..store import RunStore
-from ..targets.blackbox import BudgetExceeded as BudgetExceededError
-from ..targets.blackbox import TargetError
+from ..store import ImageRecord, RunStore
+from ..targets.answers import BudgetExceeded as BudgetExceededError
+from ..targets.answers import TargetError
 from ..targets.surrogate import as_probabilities
+from .engine import Engine, build_engine
 from .errors import Predictions, predict_dataset, to_tensor
 from .progress import progress_bar
-from .session import Session, black_box_session, white_box_session
-
-
-@contextmanager
-def session_closed(session: Session):
-    try:
-        yield session
-    finally:
-        session.close()
 
 
 @dataclass
@@ -53,7 +45,6 @@ class ExplainConfig:
     limit: int | None = None  # explain only the first N errors
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
-    seed: int = 0
     trust_model: bool = False
     figures: bool = True
     batch_size: int = 256
@@ -62,10 +53,11 @@ class ExplainConfig:
     options: dict = field(default_factory=dict)  # extra attack options, e.g. {"step": 2/255}
     timeout: float = 10.0  # black-box: seconds to wait for one answer
     retries: int = 3  # black-box: retries of a failed call (5xx, 429, timeout, dropped connection)
+    device: str = "cpu"  # where the model (white-box) or the surrogate (black-box) runs
 
     def identity(self, data_fingerprint: str, model_fingerprint: str) -> dict:
         """What must match for a run folder to be resumed."""
-        keep = ("model", "mode", "method", "pixels", "budget", "split", "limit", "mean", "std", "seed", "options",
+        keep = ("model", "mode", "method", "pixels", "budget", "split", "limit", "mean", "std", "options",
                 "surrogate", "output")
         d = {k: v for k, v in asdict(self).items() if k in keep}
         return {**d, "data_fingerprint": data_fingerprint, "model_fingerprint": model_fingerprint}
@@ -81,46 +73,46 @@ def file_fingerprint(spec: str) -> str:
     return h.hexdigest()[:16]
 
 
-def attack_options(cfg: ExplainConfig) -> dict:
-    opts = {"pixels": cfg.pixels, **cfg.options}
-    if cfg.budget is not None:
-        opts["max_steps" if cfg.method == "paper" else "max_queries"] = cfg.budget
-    return opts
-
-
-def _probabilities(scores: torch.Tensor) -> list[list[float]]:
-    """Logits (white-box) or the target's scores (black-box) as rounded probabilities."""
-    return [[round(float(p), 6) for p in row] for row in as_probabilities(torch.nan_to_num(scores))]
+def _probabilities(scores: torch.Tensor) -> list[list[float] | None]:
+    """Logits (white-box) or the target's scores (black-box) as rounded probabilities; None for
+    a row without an answer (never asked, hard-label, or non-finite)."""
+    scores = scores.cpu()
+    given = torch.isfinite(scores).all(1)
+    out: list[list[float] | None] = [None] * len(scores)
+    if bool(given.any()):
+        probs = as_probabilities(scores[given])
+        for j, row in zip(given.nonzero().squeeze(1).tolist(), probs):
+            out[j] = [round(float(p), 6) for p in row]
+    return out
 
 
 def _records(ds: Dataset, idx: np.ndarray, result: AttackResult, before: torch.Tensor,
-             explanations, figure_paths, image_paths) -> list[dict]:
+             explanations, figure_paths, image_paths) -> list[ImageRecord]:
     labels = ds.labels[idx]
-    after_pred = torch.nan_to_num(result.logits, nan=-1e30).argmax(1).numpy()
+    after = result.answered().cpu().numpy()  # the oracle's real answer; -1 where it never answered
     prob_before, prob_after = _probabilities(before), _probabilities(result.logits)
     out = []
     for j, i in enumerate(idx):
         e = explanations[j]
-        ok = bool(result.success[j])
-        pb, pa = int(before[j].argmax()), int(after_pred[j])
-        out.append({
-            "index": int(i), "name": ds.names[i],
-            "true": int(labels[j]), "pred_before": pb, "pred_after": pa,
-            "true_name": ds.classes[labels[j]], "pred_before_name": ds.classes[pb],
-            "pred_after_name": ds.classes[pa],
-            "success": ok, "queries": int(result.queries[j]),
-            **{k: e.to_dict()[k] for k in ("l2", "linf", "l0", "frac_changed", "regions")},
-            "n_regions": len(e.regions), "region_fraction": float(sum(r.area for r in e.regions)) / e.heatmap.size,
-            "scores_before": prob_before[j], "scores_after": prob_after[j],
-            "figure": figure_paths[j], "corrected_image": image_paths[j], "error": None,
-        })
+        pb, pa = int(before[j].argmax()), int(after[j])
+        out.append(ImageRecord(
+            index=int(i), name=ds.names[i], true=int(labels[j]), pred_before=pb, pred_after=pa,
+            true_name=ds.classes[labels[j]], pred_before_name=ds.classes[pb],
+            pred_after_name=ds.classes[pa] if pa >= 0 else None,
+            success=bool(result.success[j]), queries=int(result.queries[j]),
+            l2=e.l2, linf=e.linf, l0=e.l0, frac_changed=e.frac_changed, regions=e.to_dict()["regions"],
+            n_regions=len(e.regions), region_fraction=float(sum(r.area for r in e.regions)) / e.heatmap.size,
+            scores_before=prob_before[j],
+            scores_after=prob_after[j],
+            figure=figure_paths[j], corrected_image=image_paths[j]))
     return out
 
 
 def _save_images(run_dir: Path, ds: Dataset, idx, originals, corrected, explanations, before, result,
                  cfg: ExplainConfig):
     figure_paths, image_paths = [], []
-    after_pred = torch.nan_to_num(result.logits, nan=-1e30).argmax(1)
+    after_pred = result.answered().cpu()
+    after_scores = _probabilities(result.logits)
     for j, i in enumerate(idx):
         name = f"{int(i):06d}.png"  # our own names: never a path taken from the data set
         if cfg.pixels == "uint8":
@@ -134,7 +126,7 @@ def _save_images(run_dir: Path, ds: Dataset, idx, originals, corrected, explanat
             save_figure(run_dir / "figures" / name, originals[j], corrected[j], explanations[j],
                         class_names=ds.classes, true_label=int(ds.labels[i]), pred_before=int(before[j].argmax()),
                         pred_after=int(after_pred[j]), scores_before=as_probabilities(before[j:j + 1])[0].numpy(),
-                        scores_after=as_probabilities(torch.nan_to_num(result.logits[j:j + 1]))[0].numpy())
+                        scores_after=None if after_scores[j] is None else np.asarray(after_scores[j]))
             figure_paths.append(f"figures/{name}")
         else:
             figure_paths.append(None)
@@ -144,7 +136,7 @@ def _save_images(run_dir: Path, ds: Dataset, idx, originals, corrected, explanat
 def _failed(x: torch.Tensor, num_classes: int) -> AttackResult:
     """The result of an image whose attack raised: unchanged, not corrected, no answer."""
     return AttackResult(x.clone(), torch.zeros(len(x), dtype=torch.bool), torch.zeros(len(x), dtype=torch.long),
-                        torch.full((len(x), num_classes), float("nan")))
+                        torch.full((len(x), num_classes), float("nan")), labels=torch.full((len(x),), -1))
 
 
 def _stops_run(exc: Exception) -> bool:
@@ -171,8 +163,10 @@ def _stop_cleanly_when_unavailable():
         raise
 
 
-def _attack_batch(session: Session, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray):
+def _attack_batch(engine: Engine, x: torch.Tensor, y: torch.Tensor, idx: np.ndarray):
     """Attack a batch; if it breaks, retry image by image so one bad image costs only itself.
+    What the failed batch spent stays charged to its images (the oracle's ledger keeps it), and
+    each image's second try gets only what its budget has left.
 
     Returns (result, errors, retry): errors[k] is why image k failed (None if it did not raise),
     retry[k] says the failure was the target being unavailable, so a resumed run tries again.
@@ -180,15 +174,14 @@ def _attack_batch(session: Session, x: torch.Tensor, y: torch.Tensor, idx: np.nd
     of answering (down, hanging, rate limiting): the batch is not committed, and running the
     same command again resumes it."""
     try:
-        return session.attack(x, y, idx), [None] * len(x), [False] * len(x)
+        return _to_cpu(engine.run(x, y, idx)), [None] * len(x), [False] * len(x)
     except Exception as exc:
         if _stops_run(exc):
             raise
     results, errors, retry, streak = [], [], [], 0
     for k in range(len(x)):
-        before = session.spent()
         try:
-            results.append(session.attack(x[k:k + 1], y[k:k + 1], idx[k:k + 1]))
+            results.append(_to_cpu(engine.run(x[k:k + 1], y[k:k + 1], idx[k:k + 1])))
             errors.append(None)
             retry.append(False)
             streak = 0
@@ -200,12 +193,16 @@ def _attack_batch(session: Session, x: torch.Tensor, y: torch.Tensor, idx: np.nd
             streak = streak + 1 if transient else 0
             if streak >= 2:
                 raise _stopped(exc) from None
-            failed = _failed(x[k:k + 1], session.num_classes)
-            failed.queries[0] = session.spent() - before  # what this image spent, if nothing better is known
-            results.append(failed)
+            results.append(_failed(x[k:k + 1], engine.oracle.num_classes))
             errors.append(f"{type(exc).__name__}: {exc}")
             retry.append(transient)
     return _concat(results), errors, retry
+
+
+def _to_cpu(r: AttackResult) -> AttackResult:
+    """Results leave the device once, for the store and the figures."""
+    return AttackResult(*(None if t is None else t.cpu() for t in
+                          (r.corrected, r.success, r.queries, r.logits, r.labels, r.regions, r.importance, r.order)))
 
 
 def _concat(results: list[AttackResult]) -> AttackResult:
@@ -218,7 +215,7 @@ def _concat(results: list[AttackResult]) -> AttackResult:
             extras[f] = torch.cat([p if p is not None else torch.zeros((1, *like.shape[1:]), dtype=like.dtype)
                                    for p in parts])
     return AttackResult(*(torch.cat([getattr(r, f) for r in results]) for f in
-                          ("corrected", "success", "queries", "logits")), **extras)
+                          ("corrected", "success", "queries", "logits", "labels")), **extras)
 
 
 def problem_lines(summary: dict) -> list[str]:
@@ -244,13 +241,14 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def summarize(cfg: ExplainConfig, ds: Dataset, preds: Predictions, records: list[dict], seconds: float) -> dict:
-    ok = [r for r in records if r["success"]]
-    q = np.array([r["queries"] for r in records], dtype=float)
-    qs = np.array([r["queries"] for r in ok], dtype=float)
+def summarize(cfg: ExplainConfig, ds: Dataset, preds: Predictions, records: list[ImageRecord],
+              seconds: float) -> dict:
+    ok = [r for r in records if r.success]
+    q = np.array([r.queries for r in records], dtype=float)
+    qs = np.array([r.queries for r in ok], dtype=float)
 
     def stat(f, key, rows):
-        vals = np.array([r[key] for r in rows], dtype=float)
+        vals = np.array([getattr(r, key) for r in rows], dtype=float)
         return float(f(vals)) if len(vals) else None
 
     errors = preds.misclassified
@@ -267,10 +265,10 @@ def summarize(cfg: ExplainConfig, ds: Dataset, preds: Predictions, records: list
         "median_l2": stat(np.median, "l2", ok), "mean_l2": stat(np.mean, "l2", ok),
         "median_linf": stat(np.median, "linf", ok), "mean_linf": stat(np.mean, "linf", ok),
         "median_l0": stat(np.median, "l0", ok), "mean_frac_changed": stat(np.mean, "frac_changed", ok),
-        "median_regions": stat(np.median, "n_regions", [r for r in ok if "n_regions" in r]),
-        "median_region_fraction": stat(np.median, "region_fraction", [r for r in ok if "region_fraction" in r]),
-        "n_failed_with_error": sum(1 for r in records if r.get("error")),
-        "n_to_retry": sum(1 for r in records if r.get("retry")),
+        "median_regions": stat(np.median, "n_regions", ok),
+        "median_region_fraction": stat(np.median, "region_fraction", ok),
+        "n_failed_with_error": sum(1 for r in records if r.error),
+        "n_to_retry": sum(1 for r in records if r.retry),
         "seconds": seconds, "images_per_second": len(records) / seconds if seconds > 0 else None,
         "classes": ds.classes, "confusion": preds.confusion(ds.num_classes).tolist(),
     }
@@ -278,17 +276,13 @@ def summarize(cfg: ExplainConfig, ds: Dataset, preds: Predictions, records: list
 
 def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True, resume: bool = True,
                 log=print) -> dict:
-    torch.manual_seed(cfg.seed)
-    if cfg.mode not in ("white-box", "black-box"):
-        raise FlipbackError(f"unknown mode '{cfg.mode}'", hint="use --mode white-box or --mode black-box")
     ds = load_dataset(cfg.data, split=cfg.split, progress=show_progress)
-    make_session = white_box_session if cfg.mode == "white-box" else black_box_session
-    session = make_session(cfg, ds, attack_options(cfg))
+    engine = build_engine(cfg, ds.num_classes, ds.shape)
     run_dir = Path(run_dir)
     identity = cfg.identity(ds.fingerprint, file_fingerprint(cfg.model) + file_fingerprint(cfg.surrogate or ""))
-    with session_closed(session), RunStore.open(run_dir, identity, resume=resume) as store:
+    with engine, RunStore.open(run_dir, identity, resume=resume) as store:
         with _stop_cleanly_when_unavailable():
-            preds = predict_dataset(session.scores, ds, show_progress=show_progress)
+            preds = predict_dataset(engine.scores, ds, show_progress=show_progress)
         todo_all = preds.misclassified[: cfg.limit] if cfg.limit is not None else preds.misclassified
         done = store.done()
         todo = np.array([i for i in todo_all if int(i) not in done], dtype=np.int64)
@@ -297,9 +291,9 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
         # Images an unavailable target failed, or left unfinished when it stopped the run, keep
         # what they spent, so that their budgets hold across sessions.
         again = {**store.unfinished(), **store.to_retry()}
-        if again and session.add_spent is not None:
+        if again:
             ids = np.array(sorted(again), dtype=np.int64)
-            session.add_spent(ids, np.array([again[i] for i in ids], dtype=np.int64))
+            engine.add_spent(ids, np.array([again[i] for i in ids], dtype=np.int64))
         with progress_bar(f"explaining ({cfg.method})", total=len(todo_all), enabled=show_progress) as advance:
             advance(len(todo_all) - len(todo))
             for start in range(0, len(todo), cfg.batch_size):
@@ -308,15 +302,14 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
                 x, y = to_tensor(images), torch.from_numpy(ds.labels[idx])
                 t0 = time.perf_counter()
                 with _stop_cleanly_when_unavailable():
-                    before = session.scores(x)
+                    before = engine.scores(x)
                 try:
-                    result, errors, retry = _attack_batch(session, x, y, idx)
+                    result, errors, retry = _attack_batch(engine, x, y, idx)
                 except RunError:
-                    if session.queries_for is not None:
-                        store.set_unfinished(dict(zip(idx.tolist(), session.queries_for(idx).tolist())))
+                    store.set_unfinished(dict(zip(idx.tolist(), engine.spent(idx).tolist())))
                     raise
-                if session.queries_for is not None:  # the accountant's count: retries and failed attempts too
-                    result.queries = torch.from_numpy(session.queries_for(idx).astype(np.int64))
+                # The oracle's count: retries, failed attempts and earlier sessions too.
+                result.queries = torch.from_numpy(engine.spent(idx).astype(np.int64))
                 seconds = time.perf_counter() - t0
                 originals = x.permute(0, 2, 3, 1).numpy()
                 corrected = result.corrected.permute(0, 2, 3, 1).numpy()
@@ -326,24 +319,22 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
                 fig_paths, img_paths = _save_images(run_dir, ds, idx, originals, corrected, explanations,
                                                     before, result, cfg)
                 records = _records(ds, idx, result, before, explanations, fig_paths, img_paths)
-                # White-box: the model answered NaN or infinity on the last candidate (its gradient too,
-                # then). Black-box targets raise on such answers, and hard-label ones have no scores.
+                # The model answered NaN or infinity on the last candidate. Black-box targets raise on
+                # such answers instead, and hard-label ones have no scores.
                 nonfinite = (~torch.isfinite(result.logits).all(1) & (result.queries > 0) & ~result.success
-                             & (cfg.mode == "white-box")).tolist()
+                             & (result.answered() >= 0) & (engine.oracle.output == "scores")).tolist()
                 for rec, err, again, bad in zip(records, errors, retry, nonfinite):
-                    rec["error"] = err or ("non-finite scores: the model answered NaN or infinity on the last "
-                                          "candidate" if bad else None)
-                    if again:
-                        rec["retry"] = True
+                    rec.error = err or ("non-finite scores: the model answered NaN or infinity on the last "
+                                        "candidate" if bad else None)
+                    rec.retry = bool(again)
                 stored = np.round(corrected * 255).astype(np.uint8) if cfg.pixels == "uint8" else corrected
                 store.add(records, stored, images, seconds)
                 advance(len(idx))
         records = store.records()
         summary = summarize(cfg, ds, preds, records, store.seconds())
-        summary.update(session.summary)
+        summary.update(engine.summary)
         summary["recurring_causes"] = recurring_causes(records, store.images, ds.classes)
-        if session.queries_for is not None:
-            summary["target_session"] = session.stats()  # this session's calls, retries and waits
+        summary["target_session"] = engine.oracle.stats()  # this session's calls, retries and waits
         summary["n_unanswered"] = len(preds.failed)
         summary["unanswered_by_reason"] = dict(Counter(r.split(":")[0] for r in preds.failed.values()))
         if "surrogate_queries" in summary and records:

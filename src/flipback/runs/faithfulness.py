@@ -55,12 +55,12 @@ def flipback_maps(method: str, target: WhiteBoxTarget, x: torch.Tensor, y: torch
 
     def one(sl):
         if method == "regions":
-            r = RegionsAttack().run(target, x[sl], y[sl])
+            r = RegionsAttack().run(target, target, x[sl], y[sl])
             stats["n_regions"].append(r.regions.amax((1, 2)))
             stats["fraction"].append((r.regions > 0).float().mean((1, 2)))
             m = r.order
         else:
-            r = MinimalAttack().run(target, x[sl], y[sl])
+            r = MinimalAttack().run(target, target, x[sl], y[sl])
             m = change_map(x[sl], r.corrected)
         stats["success"].append(r.success)
         stats["queries"].append(r.queries)

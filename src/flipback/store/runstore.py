@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RunError
+from .record import ImageRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS config (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,20 +69,20 @@ class RunStore:
         """Images with a final result. One recorded with `retry` (the target was unavailable when
         it was explained) is not final: a resumed run explains it again."""
         return {row[0] for row in self.db.execute(
-            "SELECT idx FROM results WHERE json_extract(record, '$.retry') IS NOT 1")}
+            "SELECT idx FROM results WHERE COALESCE(json_extract(record, '$.retry'), 0) != 1")}
 
     def to_retry(self) -> dict[int, int]:
         """{image index: queries it has spent} of the images to explain again."""
         return {int(i): int(q or 0) for i, q in self.db.execute(
-            "SELECT idx, json_extract(record, '$.queries') FROM results WHERE json_extract(record, '$.retry') IS 1")}
+            "SELECT idx, json_extract(record, '$.queries') FROM results WHERE json_extract(record, '$.retry') = 1")}
 
-    def add(self, records: list[dict], corrected: np.ndarray, originals: np.ndarray, seconds: float) -> None:
+    def add(self, records: list[ImageRecord], corrected: np.ndarray, originals: np.ndarray, seconds: float) -> None:
         """Store one finished batch atomically: its rows, images, and the time it took.
         `corrected` is uint8 or float32 (N, H, W, C); `originals` is uint8 (N, H, W, C)."""
         rows = []
         for i, rec in enumerate(records):
             img = np.ascontiguousarray(corrected[i])
-            rows.append((int(rec["index"]), json.dumps(rec), img.tobytes(),
+            rows.append((int(rec.index), json.dumps(rec.to_dict()), img.tobytes(),
                          f"{img.dtype.str}:{','.join(map(str, img.shape))}",
                          np.ascontiguousarray(originals[i], dtype=np.uint8).tobytes()))
         with self.db:
@@ -98,8 +99,9 @@ class RunStore:
     def unfinished(self) -> dict[int, int]:
         return {int(i): int(q) for i, q in self.db.execute("SELECT idx, queries FROM unfinished")}
 
-    def records(self) -> list[dict]:
-        return [json.loads(r) for (r,) in self.db.execute("SELECT record FROM results ORDER BY idx")]
+    def records(self) -> list[ImageRecord]:
+        """Every stored record, migrated to the current schema."""
+        return [ImageRecord.from_dict(json.loads(r)) for (r,) in self.db.execute("SELECT record FROM results ORDER BY idx")]
 
     def images(self, idx: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(original uint8, corrected uint8-or-float32), each (H, W, C), or None if not stored."""

@@ -31,18 +31,12 @@ import numpy as np
 import torch
 
 from ...errors import ModelError
+from ..ledger import QueryLedger, as_id_list
 from .base import OUTPUTS, Answer, Backend, BackendFailure, BudgetExceeded, TargetError, check_output
 
 
 def _as_ids(ids, n: int) -> list[int] | None:
-    if ids is None:
-        return None
-    t = torch.as_tensor(ids).reshape(-1)
-    if t.is_floating_point() or t.is_complex():
-        raise ValueError("ids must be integers")
-    if len(t) != n:
-        raise ValueError(f"{len(t)} ids for {n} images")
-    return [int(v) for v in t.tolist()]
+    return None if ids is None else as_id_list(ids, n)
 
 
 class BlackBoxTarget:
@@ -60,9 +54,6 @@ class BlackBoxTarget:
                  sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
         if output not in OUTPUTS:
             raise ModelError(f"unknown output mode '{output}'", hint="use 'scores' or 'label'")
-        for name, value in (("budget", budget), ("per_image_budget", per_image_budget)):
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0")
         if retries < 0:
             raise ValueError("retries must be >= 0")
         if rate_limit is not None and rate_limit <= 0:
@@ -73,8 +64,7 @@ class BlackBoxTarget:
         self.num_classes = int(num_classes)
         self.output = output
         self.spec = spec or backend.description
-        self.budget = budget
-        self.per_image_budget = per_image_budget
+        self.ledger = QueryLedger(budget=budget, per_image_budget=per_image_budget)
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -85,10 +75,6 @@ class BlackBoxTarget:
         self._sleep = sleep
         self._clock = clock
         self._next_send = 0.0
-        # accounting
-        self.queries = 0  # counted queries, total
-        self.uncounted = 0  # evaluations of unmodified images and probes (counted=False)
-        self._per_image: dict[int, int] = {}
         self.requests = 0  # attempts sent to the backend (batches)
         self.retried = 0  # attempts that were retries
         self.failed_attempts = 0
@@ -107,22 +93,42 @@ class BlackBoxTarget:
         """(C, H, W) the target takes, None where unknown or free."""
         return self.backend.input_shape
 
+    # The Oracle protocol (targets/oracle.py): counted answers on candidates, free ones on originals.
+    device = torch.device("cpu")
+    min_margin = 0.0  # an answer is correct when the true label is the top-1
+
+    def ask(self, images: torch.Tensor, ids) -> Answer:
+        return self.query(images, ids)
+
+    def answer(self, images: torch.Tensor) -> Answer:
+        return self.query(images, counted=False)
+
+    @property
+    def queries(self) -> int:
+        return self.ledger.queries
+
+    @property
+    def uncounted(self) -> int:
+        return self.ledger.uncounted
+
+    @property
+    def budget(self) -> int | None:
+        return self.ledger.budget
+
+    @property
+    def per_image_budget(self) -> int | None:
+        return self.ledger.per_image_budget
+
     def queries_for(self, ids) -> torch.Tensor:
         """Counted queries so far for each id (int64, same order)."""
-        return torch.tensor([self._per_image.get(i, 0) for i in _as_ids(ids, len(torch.as_tensor(ids).reshape(-1)))],
-                            dtype=torch.int64)
+        return self.ledger.spent(ids)
+
+    spent = queries_for
 
     def remaining_for(self, ids) -> torch.Tensor:
         """Queries each id may still spend (per-image and total budgets together); int64, with
         2**62 standing for 'no limit'."""
-        ids_l = _as_ids(ids, len(torch.as_tensor(ids).reshape(-1)))
-        big = 2 ** 62
-        total_left = big if self.budget is None else self.budget - self.queries
-        out = []
-        for i in ids_l:
-            left = big if self.per_image_budget is None else self.per_image_budget - self._per_image.get(i, 0)
-            out.append(max(0, min(left, total_left)))
-        return torch.tensor(out, dtype=torch.int64)
+        return self.ledger.remaining(ids)
 
     @property
     def remaining(self) -> int | None:
@@ -131,13 +137,7 @@ class BlackBoxTarget:
 
     def add_spent(self, ids, counts) -> None:
         """Record queries spent earlier (a resumed run), so budgets and counts include them."""
-        ids_l = _as_ids(ids, len(torch.as_tensor(ids).reshape(-1)))
-        counts_l = [int(c) for c in torch.as_tensor(counts).reshape(-1).tolist()]
-        if len(counts_l) != len(ids_l):
-            raise ValueError("one count per id")
-        for i, c in zip(ids_l, counts_l):
-            self._per_image[i] = self._per_image.get(i, 0) + c
-            self.queries += c
+        self.ledger.add_spent(ids, counts)
 
     def stats(self) -> dict:
         return {"queries": self.queries, "uncounted": self.uncounted, "requests": self.requests,
@@ -228,27 +228,10 @@ class BlackBoxTarget:
         return x.numpy()
 
     def _check_budget(self, ids_l: list[int] | None, n: int) -> None:
-        if self.budget is not None and self.queries + n > self.budget:
-            raise BudgetExceeded(f"the query budget of {self.budget} is spent ({self.queries} used, {n} more asked)",
-                                 kind="total", hint="raise --budget")
-        if self.per_image_budget is not None and ids_l is not None:
-            need: dict[int, int] = {}
-            for i in ids_l:
-                need[i] = need.get(i, 0) + 1
-            over = [i for i, c in need.items() if self._per_image.get(i, 0) + c > self.per_image_budget]
-            if over:
-                raise BudgetExceeded(f"the per-image query budget of {self.per_image_budget} is spent for "
-                                     f"{len(over)} image(s)", kind="per_image",
-                                     ids=torch.tensor(over, dtype=torch.int64))
+        self.ledger.check(ids_l, n)
 
     def _charge(self, ids_l: list[int] | None, n: int, counted: bool) -> None:
-        if not counted:
-            self.uncounted += n
-            return
-        self.queries += n
-        if ids_l is not None:
-            for i in ids_l:
-                self._per_image[i] = self._per_image.get(i, 0) + 1
+        self.ledger.charge(ids_l, n, counted)
 
     def _wait_turn(self) -> None:
         if self.rate_limit is None:
