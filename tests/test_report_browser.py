@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from playwright import sync_api  # the test extra installs it: a missing package fails the suite
 
 from flipback.report import write_report
 
@@ -27,10 +28,10 @@ LOAD_LIMIT_S = 5.0
 FILTER_LIMIT_S = 1.0
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
+# pip does not install the browser: without it these tests are skipped, and say why.
 if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
     pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)",
                 allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing (pip install playwright)")
 
 ALL_IMAGES_LOADED = """() => {
   const imgs = Array.from(document.images);
