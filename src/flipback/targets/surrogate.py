@@ -45,7 +45,7 @@ class Surrogate:
 def as_probabilities(scores: torch.Tensor) -> torch.Tensor:
     """Targets return probabilities or logits; the surrogate learns probabilities."""
     s = scores.float()
-    looks_like_probs = bool((s >= 0).all() and torch.allclose(s.sum(1), torch.ones(len(s)), atol=1e-3))
+    looks_like_probs = bool((s >= 0).all() and torch.allclose(s.sum(1), torch.ones(len(s), device=s.device), atol=1e-3))
     return s if looks_like_probs else torch.softmax(s, 1)
 
 
