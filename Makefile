@@ -40,7 +40,7 @@ test-deps:
 	  if command -v apt-get >/dev/null; then \
 	    echo "installing Debian's $(TEST_MISSING) for the tests"; \
 	    (apt-get update -qq && apt-get install -y -qq $(TEST_MISSING)) || \
-	      echo "*** could not install Debian's $(TEST_MISSING) (apt-get needs root): the tests that need it skip"; \
+	      echo "*** apt-get could not install $(TEST_MISSING) (it needs root, and Debian's archive): the tests that need it skip"; \
 	  else \
 	    echo "*** apt-get is unavailable: install $(TEST_MISSING) yourself, or the tests that need it skip"; \
 	    echo "*** (Chromium at $(FLIPBACK_CHROMIUM), or set FLIPBACK_CHROMIUM; Fashion-MNIST's IDX files in $(dir $(FMNIST)))"; \
