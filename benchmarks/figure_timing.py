@@ -25,6 +25,7 @@ and a corrected PNG, free of the noise that swamps a difference of wall times.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import json
 import os
@@ -54,6 +55,7 @@ def load_old(rev: str):
         raise SystemExit(f"src/flipback/explain/figure.py at {rev} does not draw with matplotlib")
     src = src.replace("from .regions import", "from flipback.explain.regions import")
     tmp = Path(tempfile.mkdtemp(prefix="oldfig-")) / "old_figure.py"
+    atexit.register(shutil.rmtree, tmp.parent, True)
     tmp.write_text(src)
     spec = importlib.util.spec_from_file_location("old_figure", tmp)
     mod = importlib.util.module_from_spec(spec)
@@ -136,6 +138,7 @@ def time_figures(old_fn, n: int, rounds: int) -> list[dict]:
 def old_tree(rev: str) -> Path:
     """The ``src`` folder of commit ``rev``, unpacked into a temporary folder."""
     dest = Path(tempfile.mkdtemp(prefix="oldsrc-"))
+    atexit.register(shutil.rmtree, dest, True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest / "src"
