@@ -245,3 +245,18 @@ def test_black_box_minimal_and_regions_run_end_to_end(tiny, tmp_path, method, ou
         assert r["schema"] == SCHEMA_VERSION
         if r["success"]:
             assert r["pred_after"] == r["true"]
+
+
+def test_devices_resolve_or_fail_with_one_clear_message():
+    from flipback.errors import FlipbackError
+    from flipback.targets.device import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    auto = resolve_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
+    for bad in ("tpu", "cuda:x"):
+        with pytest.raises(FlipbackError, match="device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(FlipbackError, match="no CUDA device"):
+            resolve_device("cuda:0")

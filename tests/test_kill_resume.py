@@ -53,7 +53,7 @@ def setup(tmp_path_factory):
 
 def _command(mode: str, d: Path, out: Path) -> list[str]:
     common = ["--model", f"small_cnn:{d / 'net.th'}", "--out", str(out), "--batch-size", "3",
-              "--limit", str(LIMIT), "--seed", "3"]
+              "--limit", str(LIMIT)]
     if mode == "white-box":  # the default minimal method, with per-image figures
         return [sys.executable, "-m", "flipback", "--quiet", "explain", "--data", str(d / "folder"), *common]
     return [sys.executable, "-m", "flipback", "--quiet", "explain", "--mode", "black-box", "--method", "fast",

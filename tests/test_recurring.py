@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from flipback.explain.recurring import mean_pairwise_cosine, recurring_causes
+from flipback.store import ImageRecord
 
 
 def test_mean_pairwise_cosine_matches_the_direct_sum():
@@ -24,13 +25,18 @@ def _pair(spot):
     return original, corrected
 
 
+def _rec(index, true, pred, success):
+    return ImageRecord(index=index, name=f"{index}.png", true=true, pred_before=pred, pred_after=true if success else pred,
+                       true_name=str(true), pred_before_name=str(pred), pred_after_name=None, success=success, queries=1)
+
+
 def test_a_shared_spot_is_consistent_and_scattered_spots_are_not():
     # Pair (0 -> 1): every error changed the same 2x2 spot. Pair (2 -> 3): spots far apart.
     images = {i: _pair((3, 3)) for i in range(4)}
     images.update({10 + i: _pair(s) for i, s in enumerate([(0, 0), (0, 13), (13, 0), (13, 13)])})
-    records = [{"index": i, "true": 0, "pred_before": 1, "success": True} for i in range(4)]
-    records += [{"index": 10 + i, "true": 2, "pred_before": 3, "success": True} for i in range(4)]
-    records.append({"index": 99, "true": 2, "pred_before": 3, "success": False})  # failures do not count
+    records = [_rec(i, 0, 1, True) for i in range(4)]
+    records += [_rec(10 + i, 2, 3, True) for i in range(4)]
+    records.append(_rec(99, 2, 3, False))  # failures do not count
     out = recurring_causes(records, images.get, ["a", "b", "c", "d"])
     by_pair = {(p["true"], p["pred"]): p for p in out["pairs"]}
     assert by_pair[(0, 1)]["consistency"] == pytest.approx(1.0)
@@ -43,5 +49,5 @@ def test_a_shared_spot_is_consistent_and_scattered_spots_are_not():
 
 def test_pairs_with_too_few_errors_are_left_out():
     images = {i: _pair((3, 3)) for i in range(2)}
-    records = [{"index": i, "true": 0, "pred_before": 1, "success": True} for i in range(2)]
+    records = [_rec(i, 0, 1, True) for i in range(2)]
     assert recurring_causes(records, images.get, ["a", "b"])["pairs"] == []

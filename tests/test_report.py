@@ -13,7 +13,7 @@ from flipback.errors import RunError
 from flipback.report import json_for_html, safe_relative_src, write_index, write_report
 from flipback.report.plots import success_curve
 from flipback.report.tiles import strip_arrays, tile_geometry
-from flipback.store import RunStore
+from flipback.store import ImageRecord, RunStore
 
 EVIL_SCRIPT = "<script>alert(1)</script>"
 EVIL_IMG = '"><img src=x onerror=alert(1)>'
@@ -105,7 +105,8 @@ def make_synthetic_run(run_dir: Path, n: int, *, classes=CLASSES, shape=(32, 32,
         })
     store = RunStore(run_dir / "results.sqlite")
     for s in range(0, n, 500):
-        store.add(records[s:s + 500], corrected[s:s + 500], originals[s:s + 500], 0.5)
+        store.add([ImageRecord.from_dict(r) for r in records[s:s + 500]], corrected[s:s + 500], originals[s:s + 500],
+                  0.5)
     store.close()
     ok = [r for r in records if r["success"]]
     summary = {

@@ -125,6 +125,22 @@ def _step_option(method: str, step: Optional[str]) -> dict:
     return {"step": value}
 
 
+def _ray_options(address: Optional[str], actors: Optional[int], cpus: float, gpus: float,
+                 total_budget: Optional[int], rate_limit: Optional[float]):
+    if address is None:
+        if total_budget is not None or rate_limit is not None:
+            raise FlipbackError("--total-budget and --rate-limit apply to --ray runs", hint="add --ray auto|local|HOST:PORT")
+        return None
+    from .runs.distributed import RayOptions
+
+    return RayOptions(address=address, actors=actors, cpus=cpus, gpus=gpus, total_budget=total_budget,
+                      rate_limit=rate_limit)
+
+
+_RAY_HELP = ("auto | local | HOST:PORT: spread the batches over a Ray cluster (auto: the one this machine "
+             "is part of; local: start one here). Needs `pip install 'flipback[ray]'`.")
+
+
 @app.command()
 def explain(
     model: str = typer.Option(..., help="ARCH:WEIGHTS (e.g. cifar_resnet20:model.th) or FILE.pt (TorchScript)."),
@@ -147,6 +163,13 @@ def explain(
     output: Output = typer.Option(Output.scores, help="black-box: the target returns scores, or only a label."),
     timeout: float = typer.Option(10.0, min=0.1, help="black-box: seconds to wait for one answer."),
     retries: int = typer.Option(3, min=0, help="black-box: retries of a failed call (5xx, 429, timeout, dropped connection)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help=_RAY_HELP),
+    ray_actors: Optional[int] = typer.Option(None, min=1, help="--ray: actors (default: as many as the cluster's CPUs allow)."),
+    ray_cpus: float = typer.Option(1.0, min=0, help="--ray: CPUs per actor."),
+    ray_gpus: float = typer.Option(0.0, min=0, help="--ray: GPUs per actor (its model runs there)."),
+    total_budget: Optional[int] = typer.Option(None, min=0, help="--ray: most counted queries of the whole run, all actors together."),
+    rate_limit: Optional[float] = typer.Option(None, min=0.001, help="--ray, black-box: most requests per second to the target, all actors together."),
+    device: str = typer.Option("auto", help="auto (CUDA when there is one) | cpu | cuda | cuda:N | mps: where the model (black-box: the surrogate) runs."),
 ):
     """Find the target's errors and explain each with a verified corrective change."""
     from .runs.explain_run import ExplainConfig, run_explain
@@ -156,8 +179,9 @@ def explain(
                             budget=budget, split=split, limit=limit, mean=_floats(mean), std=_floats(std),
                             trust_model=trust_model, figures=figures, batch_size=batch_size,
                             options=_step_option(method, step), surrogate=surrogate, output=output.value,
-                            timeout=timeout, retries=retries)
-        summary = run_explain(cfg, out_dir, show_progress=not _state["quiet"], resume=resume, log=_log)
+                            timeout=timeout, retries=retries, device=device)
+        summary = run_explain(cfg, out_dir, show_progress=not _state["quiet"], resume=resume, log=_log,
+                              ray=_ray_options(ray, ray_actors, ray_cpus, ray_gpus, total_budget, rate_limit))
         _print_summary(summary, out_dir)
 
     _guard(go)
@@ -178,6 +202,12 @@ def bench_paper(
     surrogate_budget: int = typer.Option(10000, help="black-box: target queries for the surrogate."),
     surrogate: Optional[str] = typer.Option(None, help="black-box: use this surrogate instead of training one."),
     output: Output = typer.Option(Output.scores, help="black-box: the target returns scores, or only a label."),
+    ray: Optional[str] = typer.Option(None, "--ray", help=_RAY_HELP),
+    ray_actors: Optional[int] = typer.Option(None, min=1, help="--ray: actors (default: as many as the cluster's CPUs allow)."),
+    ray_cpus: float = typer.Option(1.0, min=0, help="--ray: CPUs per actor."),
+    ray_gpus: float = typer.Option(0.0, min=0, help="--ray: GPUs per actor (its model runs there)."),
+    total_budget: Optional[int] = typer.Option(None, min=0, help="--ray: most counted queries of the whole run, all actors together."),
+    rate_limit: Optional[float] = typer.Option(None, min=0.001, help="--ray, black-box: most requests per second to the target, all actors together."),
 ):
     """Run each method on all errors and compare with the published figures."""
     from .runs.bench import PAPER, run_bench
@@ -187,7 +217,8 @@ def bench_paper(
                            methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None, pixels=pixels.value,
                            limit=limit, figures=figures, batch_size=batch_size,
                            surrogate=surrogate, surrogate_data=surrogate_data, surrogate_budget=surrogate_budget,
-                           output=output.value, show_progress=not _state["quiet"], log=_log)
+                           output=output.value, show_progress=not _state["quiet"], log=_log,
+                           ray=_ray_options(ray, ray_actors, ray_cpus, ray_gpus, total_budget, rate_limit))
         if _state["json"]:
             print(json.dumps(result))
             return

@@ -16,6 +16,7 @@ import torch
 from ..attacks import CorrectiveAttack, make_attack
 from ..errors import FlipbackError, ModelError
 from ..targets import ModelGuide, WhiteBoxTarget, load_model
+from ..targets.device import resolve_device
 
 def attack_options(cfg) -> dict:
     opts = {"pixels": cfg.pixels, **cfg.options}
@@ -75,7 +76,7 @@ def build_engine(cfg, num_classes: int, shape_hwc: tuple[int, int, int]) -> Engi
     if cfg.mode not in attack.modes:
         raise FlipbackError(f"method '{cfg.method}' does not run in {cfg.mode} mode")
     budget = attack.budget_for(guide_free=cfg.mode == "black-box")  # held by the oracle's ledger, across sessions
-    device = torch.device(getattr(cfg, "device", "cpu"))
+    device = resolve_device(cfg.device)
     if cfg.mode == "white-box":
         loaded = load_model(cfg.model, num_classes, mean=cfg.mean, std=cfg.std, trust_model=cfg.trust_model)
         check_input_shape(loaded.input_shape, loaded.arch, shape_hwc)

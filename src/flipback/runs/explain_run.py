@@ -53,7 +53,7 @@ class ExplainConfig:
     options: dict = field(default_factory=dict)  # extra attack options, e.g. {"step": 2/255}
     timeout: float = 10.0  # black-box: seconds to wait for one answer
     retries: int = 3  # black-box: retries of a failed call (5xx, 429, timeout, dropped connection)
-    device: str = "cpu"  # where the model (white-box) or the surrogate (black-box) runs
+    device: str = "auto"  # where the model (white-box) or the surrogate (black-box) runs: auto, cpu, cuda, cuda:N, mps
 
     def identity(self, data_fingerprint: str, model_fingerprint: str) -> dict:
         """What must match for a run folder to be resumed."""
@@ -274,8 +274,77 @@ def summarize(cfg: ExplainConfig, ds: Dataset, preds: Predictions, records: list
     }
 
 
+@dataclass
+class ExplainedBatch:
+    """One batch of errors explained, ready for `RunStore.add`."""
+
+    records: list[ImageRecord]
+    corrected: np.ndarray  # as stored: uint8 (8-bit runs) or float32, (N, H, W, C)
+    originals: np.ndarray  # uint8, (N, H, W, C)
+    seconds: float  # attack time
+
+
+def explain_batch(engine: Engine, ds: Dataset, idx: np.ndarray, cfg: ExplainConfig, run_dir: Path) -> ExplainedBatch:
+    """The per-batch work: attack the errors `idx` of `ds`, explain the changes, write their
+    figures and corrected PNGs under run_dir, and make their records. The local loop and a Ray
+    actor (runs/distributed.py) both call it, so their results are the same by construction.
+    A target that stops the run raises RunError; when it stopped the attack, `exc.unfinished`
+    holds {image: queries spent} for the store."""
+    images = ds.images[idx]
+    x, y = to_tensor(images), torch.from_numpy(ds.labels[idx])
+    t0 = time.perf_counter()
+    with _stop_cleanly_when_unavailable():
+        before = engine.scores(x)
+    try:
+        result, errors, retry = _attack_batch(engine, x, y, idx)
+    except RunError as exc:
+        exc.unfinished = dict(zip(idx.tolist(), engine.spent(idx).tolist()))
+        raise
+    # The oracle's count: retries, failed attempts and earlier sessions too.
+    result.queries = torch.from_numpy(engine.spent(idx).astype(np.int64))
+    seconds = time.perf_counter() - t0
+    originals = x.permute(0, 2, 3, 1).numpy()
+    corrected = result.corrected.permute(0, 2, 3, 1).numpy()
+    ranks = None if result.regions is None else result.regions.numpy()
+    gain = None if result.importance is None else result.importance.numpy()
+    explanations = explain_changes(originals, corrected, region_ranks=ranks, region_gain=gain)
+    fig_paths, img_paths = _save_images(run_dir, ds, idx, originals, corrected, explanations, before, result, cfg)
+    records = _records(ds, idx, result, before, explanations, fig_paths, img_paths)
+    # The model answered NaN or infinity on the last candidate. Black-box targets raise on
+    # such answers instead, and hard-label ones have no scores.
+    nonfinite = (~torch.isfinite(result.logits).all(1) & (result.queries > 0) & ~result.success
+                 & (result.answered() >= 0) & (engine.oracle.output == "scores")).tolist()
+    for rec, err, again, bad in zip(records, errors, retry, nonfinite):
+        rec.error = err or ("non-finite scores: the model answered NaN or infinity on the last "
+                            "candidate" if bad else None)
+        rec.retry = bool(again)
+    stored = np.round(corrected * 255).astype(np.uint8) if cfg.pixels == "uint8" else corrected
+    return ExplainedBatch(records, stored, images, seconds)
+
+
+def summarize_run(cfg: ExplainConfig, ds: Dataset, preds: Predictions, store: RunStore, engine_summary: dict,
+                  target_session: dict) -> dict:
+    """The run's summary from everything in its store (local and Ray runs alike)."""
+    records = store.records()
+    summary = summarize(cfg, ds, preds, records, store.seconds())
+    summary.update(engine_summary)
+    summary["recurring_causes"] = recurring_causes(records, store.images, ds.classes)
+    summary["target_session"] = target_session  # this session's calls, retries and waits
+    summary["n_unanswered"] = len(preds.failed)
+    summary["unanswered_by_reason"] = dict(Counter(r.split(":")[0] for r in preds.failed.values()))
+    if "surrogate_queries" in summary and records:
+        summary["surrogate_queries_per_image"] = summary["surrogate_queries"] / len(records)
+    return summary
+
+
 def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True, resume: bool = True,
-                log=print) -> dict:
+                log=print, ray=None) -> dict:
+    """Explain every error of the data set into the run folder run_dir (resumed when it holds
+    the same run). `ray` (runs.distributed.RayOptions) spreads the batches over a Ray cluster."""
+    if ray is not None:
+        from .distributed import run_explain_ray
+
+        return run_explain_ray(cfg, Path(run_dir), ray, show_progress=show_progress, resume=resume, log=log)
     ds = load_dataset(cfg.data, split=cfg.split, progress=show_progress)
     engine = build_engine(cfg, ds.num_classes, ds.shape)
     run_dir = Path(run_dir)
@@ -298,47 +367,15 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
             advance(len(todo_all) - len(todo))
             for start in range(0, len(todo), cfg.batch_size):
                 idx = todo[start:start + cfg.batch_size]
-                images = ds.images[idx]
-                x, y = to_tensor(images), torch.from_numpy(ds.labels[idx])
-                t0 = time.perf_counter()
-                with _stop_cleanly_when_unavailable():
-                    before = engine.scores(x)
                 try:
-                    result, errors, retry = _attack_batch(engine, x, y, idx)
-                except RunError:
-                    store.set_unfinished(dict(zip(idx.tolist(), engine.spent(idx).tolist())))
+                    batch = explain_batch(engine, ds, idx, cfg, run_dir)
+                except RunError as exc:
+                    if getattr(exc, "unfinished", None) is not None:
+                        store.set_unfinished(exc.unfinished)
                     raise
-                # The oracle's count: retries, failed attempts and earlier sessions too.
-                result.queries = torch.from_numpy(engine.spent(idx).astype(np.int64))
-                seconds = time.perf_counter() - t0
-                originals = x.permute(0, 2, 3, 1).numpy()
-                corrected = result.corrected.permute(0, 2, 3, 1).numpy()
-                ranks = None if result.regions is None else result.regions.numpy()
-                gain = None if result.importance is None else result.importance.numpy()
-                explanations = explain_changes(originals, corrected, region_ranks=ranks, region_gain=gain)
-                fig_paths, img_paths = _save_images(run_dir, ds, idx, originals, corrected, explanations,
-                                                    before, result, cfg)
-                records = _records(ds, idx, result, before, explanations, fig_paths, img_paths)
-                # The model answered NaN or infinity on the last candidate. Black-box targets raise on
-                # such answers instead, and hard-label ones have no scores.
-                nonfinite = (~torch.isfinite(result.logits).all(1) & (result.queries > 0) & ~result.success
-                             & (result.answered() >= 0) & (engine.oracle.output == "scores")).tolist()
-                for rec, err, again, bad in zip(records, errors, retry, nonfinite):
-                    rec.error = err or ("non-finite scores: the model answered NaN or infinity on the last "
-                                        "candidate" if bad else None)
-                    rec.retry = bool(again)
-                stored = np.round(corrected * 255).astype(np.uint8) if cfg.pixels == "uint8" else corrected
-                store.add(records, stored, images, seconds)
+                store.add(batch.records, batch.corrected, batch.originals, batch.seconds)
                 advance(len(idx))
-        records = store.records()
-        summary = summarize(cfg, ds, preds, records, store.seconds())
-        summary.update(engine.summary)
-        summary["recurring_causes"] = recurring_causes(records, store.images, ds.classes)
-        summary["target_session"] = engine.oracle.stats()  # this session's calls, retries and waits
-        summary["n_unanswered"] = len(preds.failed)
-        summary["unanswered_by_reason"] = dict(Counter(r.split(":")[0] for r in preds.failed.values()))
-        if "surrogate_queries" in summary and records:
-            summary["surrogate_queries_per_image"] = summary["surrogate_queries"] / len(records)
+        summary = summarize_run(cfg, ds, preds, store, engine.summary, engine.oracle.stats())
     _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     write_report(run_dir)
     return summary
