@@ -25,7 +25,7 @@ PAPER = {
 def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[str] | None = None,
               pixels: str = "uint8", limit: int | None = None, figures: bool = False, batch_size: int = 256,
               surrogate: str | None = None, surrogate_data: str | None = None, surrogate_budget: int = 10000,
-              output: str = "scores", show_progress: bool = True, log=print) -> dict:
+              output: str = "scores", show_progress: bool = True, log=print, ray=None) -> dict:
     out_dir = Path(out_dir)
     if methods is None:
         methods = ["paper", "fast", "minimal"] if mode == "white-box" else ["paper", "fast"]
@@ -36,7 +36,7 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
         cfg = ExplainConfig(model=model, data=data, mode=mode, method=method, pixels=pixels, limit=limit,
                             figures=figures, batch_size=batch_size, surrogate=surrogate, output=output)
         log(f"bench: {method}")
-        summary = run_explain(cfg, out_dir / method, show_progress=show_progress, log=log)
+        summary = run_explain(cfg, out_dir / method, show_progress=show_progress, log=log, ray=ray)
         results[method] = {k: v for k, v in summary.items() if k not in ("confusion", "classes")}
     headline = results.get("paper") or next(iter(results.values()))
     combined = {**headline, "methods": results, "published": PAPER[mode]}
