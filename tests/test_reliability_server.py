@@ -247,3 +247,28 @@ def test_token_reaches_the_server_and_never_the_run_folder_or_output(files, prox
     assert "--token" not in CliRunner().invoke(app, ["explain", "--help"]).output
     res = explain(files, proxy.url("cnn").replace("http://", f"http://user:{SECRET}@"), tmp_path / "run3")
     assert res.exit_code == 2 and "no credentials in the server URL" in res.output and SECRET not in res.output
+
+
+@pytest.mark.parametrize("method", ["minimal", "regions"])
+@pytest.mark.parametrize("output", ["scores", "label"])
+def test_black_box_minimal_and_regions_against_the_server_match_the_in_process_run(files, server, tmp_path,
+                                                                                  method, output):
+    """Issue 11: every method runs black-box, also against a real KServe server, with the same
+    records and corrected images as the same model run in process."""
+    d, onnx = files
+    runs = {}
+    for where, url in (("server", server.url("cnn")), ("local", str(onnx))):
+        out = tmp_path / where
+        res = CliRunner().invoke(app, [*args(files, url, out, "--output", output), "--method", method, "--budget", "10"],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        runs[where] = out
+    a, b = records(runs["server"]), records(runs["local"])
+    assert len(a) == LIMIT and a.keys() == b.keys()
+    for i in a:
+        for key in ("success", "queries", "pred_after", "l2"):
+            assert a[i][key] == b[i][key], (i, key)
+        assert 1 <= a[i]["queries"] <= 10
+    assert images(runs["server"]) == images(runs["local"])
+    summary = json.loads((runs["server"] / "summary.json").read_text())
+    assert summary["method"] == method and sum(r["queries"] for r in a.values()) == summary["target_session"]["queries"]
