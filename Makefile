@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test test-deps bench-whitebox clean
 
@@ -15,9 +16,15 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch==2.13.0 (CPU) is pinned in pyproject.toml, so this never pulls a CUDA build.
+# The demo needs only the lean default install; the tests add their extras (Ray, KServe,
+# Playwright, foolbox), which would triple the demo's set-up time.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e .
 	touch $(STAMP)
+
+$(TEST_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(TEST_STAMP)
 
 $(FMNIST):
 	@command -v apt-get >/dev/null || { echo "install Debian's dataset-fashion-mnist, or run: flipback demo --data FOLDER"; exit 1; }
@@ -29,7 +36,7 @@ demo: $(STAMP) $(FMNIST)
 
 ## make test: install with the test extras, Debian's chromium and dataset-fashion-mnist when
 ## missing (apt-get, as root), then run the test suite; its exit status is pytest's pass or fail.
-test: $(STAMP) test-deps
+test: $(TEST_STAMP) test-deps
 	$(BIN)/python -m pytest
 
 # Without them the browser test and the Fashion-MNIST data tests skip, so say so loudly;
