@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from flipback.attacks import RegionsAttack
-from flipback.attacks.regions import explanation_order, rank_map, region_onehot
-from flipback.attacks.segments import grid_segments, segment
+from flipback.attacks.regions import (effect_map, explanation_order, pixel_mask, rank_map, region_count,
+                                      region_scores, region_sums)
+from flipback.attacks.segments import MAX_SEGMENTS, default_segments, grid_segments, segment
 from flipback.explain import explain_changes
 from flipback.targets.blackbox import from_module
 from flipback.targets import ModelGuide
@@ -137,11 +138,54 @@ def test_black_box_asks_the_target_only_when_the_surrogate_is_confident(output):
 
 def test_rank_map():
     seg = grid_segments(1, 4, 4, 4)  # four 2x2 cells
-    onehot = region_onehot(seg)
     selected = torch.tensor([[True, False, True, True]])
     contribution = torch.tensor([[1.0, 9.0, 3.0, 2.0]])
-    ranks = rank_map(onehot, selected, contribution, (1, 1, 4, 4))
+    ranks = rank_map(seg.flatten(1), selected, contribution, (1, 1, 4, 4))
     assert ranks[0].tolist() == [[3, 3, 0, 0], [3, 3, 0, 0], [1, 1, 2, 2], [1, 1, 2, 2]]
+
+
+def test_segment_indexed_operations_have_the_known_answers_and_equal_the_dense_ones():
+    # Two 4x4 images, one channel (and one with 2 channels for the channel sum): image 0 is
+    # four 2x2 cells with values 1..16 row by row; image 1 uses only regions 0 and 3.
+    seg = torch.stack([grid_segments(1, 4, 4, 4)[0],
+                       torch.tensor([[0, 0, 3, 3]] * 4)]).flatten(1)
+    s = region_count(seg)
+    assert s == 4
+    values = torch.arange(1, 17, dtype=torch.float32).view(1, 1, 4, 4).repeat(2, 2, 1, 1)  # 2 channels
+    scores = region_scores(values, seg, s)
+    # Cell sums of 1..16 (times 2 channels): top-left 1+2+5+6 = 14, top-right 22, bottom 46, 54.
+    assert scores[0].tolist() == [28.0, 44.0, 92.0, 108.0]
+    assert scores[1].tolist() == [2 * (1 + 2 + 5 + 6 + 9 + 10 + 13 + 14), 0.0, 0.0, 2 * (3 + 4 + 7 + 8 + 11 + 12 + 15 + 16)]
+    effect = torch.tensor([[1.0, float("-inf"), 3.0, 4.0], [5.0, 6.0, 7.0, float("-inf")]])
+    assert effect_map(seg, effect, (4, 4))[1].tolist() == [[5.0, 5.0, 0.0, 0.0]] * 4  # -inf reads 0
+    selected = torch.tensor([[False, True, False, True], [True, False, False, False]])
+    mask = pixel_mask(seg, selected, (2, 1, 4, 4))
+    assert mask[0, 0].tolist() == [[0, 0, 1, 1]] * 4  # regions 1 (top right) and 3 (bottom right)
+    assert mask[1, 0].tolist() == [[1, 1, 0, 0]] * 4
+
+    # The same operations written with the dense (pixels x regions) one-hot they replace.
+    onehot = torch.nn.functional.one_hot(seg, s).float()  # (n, H*W, S)
+    dense_scores = torch.bmm(values.sum(1).flatten(1)[:, None, :], onehot).squeeze(1)
+    measured = torch.where(torch.isfinite(effect), effect, torch.zeros_like(effect))
+    dense_effect = torch.bmm(onehot, measured[:, :, None]).squeeze(2).view(2, 4, 4)
+    dense_mask = (torch.bmm(onehot, selected.float()[:, :, None]).squeeze(2) > 0).float().view(2, 1, 4, 4)
+    assert torch.equal(scores, dense_scores)
+    assert torch.equal(effect_map(seg, effect, (4, 4)), dense_effect)
+    assert torch.equal(mask, dense_mask)
+    # Random values on a random segmentation: equal up to the order of the float sums.
+    g = torch.Generator().manual_seed(0)
+    seg = torch.randint(0, 7, (3, 64), generator=g)
+    vals = torch.randn(3, 3, 8, 8, generator=g)
+    onehot = torch.nn.functional.one_hot(seg, region_count(seg)).float()
+    dense = torch.bmm(vals.sum(1).flatten(1)[:, None, :], onehot).squeeze(1)
+    assert torch.allclose(region_scores(vals, seg, region_count(seg)), dense, atol=1e-5)
+    assert torch.equal(region_sums(torch.ones(3, 64), seg, 7), onehot.sum(1))
+
+
+def test_segment_count_rule():
+    assert default_segments(32, 32) == 102 and default_segments(28, 28) == 78  # unchanged small images
+    assert default_segments(4, 4) == 4
+    assert default_segments(224, 224) == MAX_SEGMENTS == 196 and default_segments(512, 384) == 196
 
 
 def test_explanation_order_is_lexicographic():

@@ -1,8 +1,10 @@
 """flipback's region-level corrective method: the fewest image regions whose change makes
 the model right, verified as 8-bit images.
 
-The image is split into regions (SLIC superpixels, about one per 10 pixels, or a grid; see
-`segments`). Inside a chosen region the change is, by default, a removal: each value moves
+The image is split into regions (SLIC superpixels or a grid; one per 10 pixels, at most 196:
+see `segments.default_segments`). Regions are kept as each pixel's region id and handled with
+segment sums (scatter-add) and gathers, so memory grows with the image, never with pixels x
+regions. Inside a chosen region the change is, by default, a removal: each value moves
 toward a local blur of the image (`change="remove"`); `change="free"` allows any change
 within +-eps instead.
 
@@ -43,10 +45,20 @@ from .base import AttackCall, AttackResult, CorrectiveAttack, Verdict, to_grid
 from .segments import segment
 
 
-def region_onehot(seg: torch.Tensor) -> torch.Tensor:
-    """(N,H,W) region ids -> (N, H*W, S) one-hot float."""
-    s = int(seg.max()) + 1 if seg.numel() else 1
-    return torch.nn.functional.one_hot(seg.flatten(1), s).float()
+def region_count(seg: torch.Tensor) -> int:
+    """How many region ids a batch of segment maps uses (the largest id + 1)."""
+    return int(seg.max()) + 1 if seg.numel() else 1
+
+
+# Regions are handled through each pixel's region id (`seg`, (N, H*W) int64), never as a dense
+# (pixels x regions) one-hot: at 224 px that would be 50,176 x 196 floats per image (and grew
+# with the square of the image area when the region count followed the pixel count).
+# Sums per region are scatter-adds over the ids, per-pixel values of a region are a gather.
+
+
+def region_sums(values: torch.Tensor, seg: torch.Tensor, s: int) -> torch.Tensor:
+    """(n, P) per-pixel values, (n, P) region ids -> (n, s) sums per region (segment sums)."""
+    return torch.zeros(len(values), s, dtype=values.dtype, device=values.device).scatter_add_(1, seg, values)
 
 
 def room(delta: torch.Tensor, g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -73,33 +85,31 @@ def change_bounds(x0: torch.Tensor, change: str, eps: float, sigma: float):
     return toward.clamp(max=0), toward.clamp(min=0), toward.abs() / 2
 
 
-def region_scores(pixel_values: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-    """Per-pixel values (n, C, H, W) summed per region: (n, S)."""
-    return torch.bmm(pixel_values.sum(1).flatten(1)[:, None, :], onehot).squeeze(1)
+def region_scores(pixel_values: torch.Tensor, seg: torch.Tensor, s: int) -> torch.Tensor:
+    """Per-pixel values (n, C, H, W) summed over channels and per region: (n, s)."""
+    return region_sums(pixel_values.sum(1).flatten(1), seg, s)
 
 
-def effect_map(onehot: torch.Tensor, effect: torch.Tensor, hw) -> torch.Tensor:
-    """(n, S) region effects -> (n, H, W), each pixel its region's; regions never measured
+def effect_map(seg: torch.Tensor, effect: torch.Tensor, hw) -> torch.Tensor:
+    """(n, s) region effects -> (n, H, W), each pixel its region's; regions never measured
     (absent, or with nothing left to change: -inf) read as 0."""
     measured = torch.where(torch.isfinite(effect), effect, torch.zeros_like(effect))
-    return torch.bmm(onehot, measured[:, :, None]).squeeze(2).view(len(effect), *hw)
+    return measured.gather(1, seg).view(len(effect), *hw)
 
 
-def pixel_mask(onehot: torch.Tensor, selected: torch.Tensor, shape) -> torch.Tensor:
-    """(n, S) selected regions -> (n, 1, H, W) 0/1 mask."""
-    m = torch.bmm(onehot, selected.float()[:, :, None]).squeeze(2)
-    return (m > 0).float().view(shape[0], 1, shape[2], shape[3])
+def pixel_mask(seg: torch.Tensor, selected: torch.Tensor, shape) -> torch.Tensor:
+    """(n, s) selected regions -> (n, 1, H, W) 0/1 mask."""
+    return selected.gather(1, seg).float().view(shape[0], 1, shape[2], shape[3])
 
 
-def rank_map(onehot: torch.Tensor, selected: torch.Tensor, contribution: torch.Tensor, shape) -> torch.Tensor:
+def rank_map(seg: torch.Tensor, selected: torch.Tensor, contribution: torch.Tensor, shape) -> torch.Tensor:
     """(n,H,W) int: 1 for the selected region that contributes most, 2 for the next, ...,
     0 outside the selected regions."""
     score = torch.where(selected, contribution, torch.full_like(contribution, float("-inf")))
     order = score.argsort(1, descending=True)
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(1, order.shape[1] + 1, device=order.device).expand_as(order))
     ranks = torch.where(selected, ranks, torch.zeros_like(ranks))
-    per_pixel = torch.bmm(onehot, ranks.float()[:, :, None]).squeeze(2)
-    return per_pixel.round().long().view(shape[0], shape[2], shape[3])
+    return ranks.gather(1, seg).view(shape[0], shape[2], shape[3])
 
 
 CHANGES = ("free", "remove")
@@ -159,8 +169,8 @@ class RegionsAttack(CorrectiveAttack):
         reserve = self._reserve(call)
         x0, dev = call.x0, call.device
         shape = x0.shape
-        onehot = region_onehot(segment(x0, self.segmentation, self.n_segments, self.compactness))
-        n, s = len(x0), onehot.shape[2]
+        seg = segment(x0, self.segmentation, self.n_segments, self.compactness).flatten(1)  # (n, H*W) ids
+        n, s = len(x0), region_count(seg)
         everyone = torch.arange(n, device=dev)
         selected = torch.zeros(n, s, dtype=torch.bool, device=dev)
         since = torch.zeros(n, dtype=torch.long, device=dev)  # steps since the last region joined
@@ -178,12 +188,13 @@ class RegionsAttack(CorrectiveAttack):
         full = hi + lo if self.change == "remove" else torch.maximum(torch.minimum(2 * size * g.sign(), hi), lo)
         affordable = call.guide.free or s + 1 + self.region_steps <= limit - reserve
         if self.scoring == "removal" and affordable:
-            effect = self._measure_regions(call, everyone, x0, full, onehot, base0)
-            self._fewest_regions(call, full, onehot, effect, selected, delta)
+            present = region_sums(torch.ones_like(seg, dtype=x0.dtype), seg, s) > 0
+            effect = self._measure_regions(call, everyone, x0, full, seg, present, base0)
+            self._fewest_regions(call, full, seg, effect, selected, delta)
             final_grad[call.success] = start_grad[call.success]
         else:
-            effect = region_scores(start_grad * full, onehot)  # first-order, where no query measured it
-        region_effect = effect_map(onehot, effect, shape[2:])
+            effect = region_scores(start_grad * full, seg, s)  # first-order, where no query measured it
+        region_effect = effect_map(seg, effect, shape[2:])
         active = (~call.success).nonzero().squeeze(1)
         g = g[active]
         for _ in range(self.max_steps if call.guide.free else max(0, limit - reserve)):
@@ -197,11 +208,11 @@ class RegionsAttack(CorrectiveAttack):
             need = ((since[a] >= self.steps_per_region) | (k == 0)) & (k < min(self.max_regions, s))
             if bool(need.any()):
                 b = a[need]
-                gain = region_scores(g[need].abs() * room(delta[b], g[need], lo[b], hi[b]), onehot[b])
+                gain = region_scores(g[need].abs() * room(delta[b], g[need], lo[b], hi[b]), seg[b], s)
                 gain = gain.masked_fill(selected[a[need]], float("-inf"))
                 selected[a[need], gain.argmax(1)] = True
                 since[a[need]] = 0
-            step = size[a] * g.sign() * pixel_mask(onehot[a], selected[a], (len(a), *shape[1:]))
+            step = size[a] * g.sign() * pixel_mask(seg[a], selected[a], (len(a), *shape[1:]))
             x = to_grid(x0[a] + torch.maximum(torch.minimum(delta[a] + step, hi[a]), lo[a]), self.pixels)
             verdict, g = self._probe(call, a, x, policy)
             since[a] += 1
@@ -214,7 +225,7 @@ class RegionsAttack(CorrectiveAttack):
 
         done = call.success.nonzero().squeeze(1)
         if len(done):
-            self._prune(call, delta, selected, final_grad, onehot, done)
+            self._prune(call, delta, selected, final_grad, seg, s, done)
             # Two orders for the fewest pixels: the correction's own pixels by the margin each
             # gained, and every pixel by the first-order gain of its whole allowed change.
             gain = (delta * start_grad).sum(1).masked_fill(delta.abs().sum(1) == 0, float("-inf"))
@@ -223,7 +234,7 @@ class RegionsAttack(CorrectiveAttack):
             self._fewest_pixels(call, delta, full, potential.masked_fill(potential <= 0, float("-inf")), done,
                                 verified=False)
             # The regions are those the final correction touches.
-            selected[done] = region_scores(delta[done].abs(), onehot[done]) > 0
+            selected[done] = region_scores(delta[done].abs(), seg[done], s) > 0
             self._shrink(call, delta, done)
             if call.guide_is_oracle:
                 # The gradient at the final correction, one counted query: the far end of the path.
@@ -232,11 +243,11 @@ class RegionsAttack(CorrectiveAttack):
                 if len(ends):
                     final_grad[ends] = call.steer(ends, call.corrected[ends], smooth_margin)[2].to(x0)
             if self.scoring == "removal" and affordable:
-                self._measure_after(call, full - delta, onehot, done, region_effect)
+                self._measure_after(call, full - delta, seg, s, done, region_effect)
         # Each pixel's share of the margin gained: its change times the mean of the gradients at
         # both ends of the path (a two-point integrated gradient along x0 -> x0 + delta).
         pixel_gain = (delta * (start_grad + final_grad) / 2).sum(1, keepdim=True)
-        regions = rank_map(onehot, selected, region_scores(pixel_gain, onehot), shape)
+        regions = rank_map(seg, selected, region_scores(pixel_gain, seg, s), shape)
         changed = delta.abs().sum(1) > 0
         order = explanation_order(changed, pixel_gain.squeeze(1), region_effect, (full * start_grad).sum(1))
         return call.result(regions=regions, importance=pixel_gain.squeeze(1) * (regions > 0), order=order)
@@ -260,23 +271,24 @@ class RegionsAttack(CorrectiveAttack):
         policy["refused"][r] = m[refused]
         return verdict, g
 
-    def _measure_regions(self, call: AttackCall, rows, x, change, onehot, base) -> torch.Tensor:
+    def _measure_regions(self, call: AttackCall, rows, x, change, seg, present, base) -> torch.Tensor:
         """(rows, S): how much the true label's margin rises when one region alone gets its whole
         change; one query per region with a paid guide (free with a surrogate), like occlusion
         but on the regions and the margin. `base` is the margin without the change, already
-        known. Regions not measured (absent, or no budget left) read -inf."""
-        effect = torch.full((len(rows), onehot.shape[2]), float("-inf"), device=x.device)
-        present = onehot.sum(1) > 0
-        for r in range(onehot.shape[2]):
+        known. `seg` (rows, H*W) holds each pixel's region, `present` (rows, S) the regions to
+        measure. Regions not measured (absent, or no budget left) read -inf."""
+        effect = torch.full(present.shape, float("-inf"), device=x.device)
+        for r in range(present.shape[1]):
             sub = present[:, r].nonzero().squeeze(1)
             if len(sub) == 0:
                 continue
-            mask = onehot[sub, :, r].view(len(sub), 1, *x.shape[2:])
+            # One region's pixel mask at a time, (len(sub), 1, H, W): never all regions at once.
+            mask = (seg[sub] == r).to(x.dtype).view(len(sub), 1, *x.shape[2:])
             _, logits = call.guide_logits(rows[sub], to_grid(x[sub] + change[sub] * mask, self.pixels))
             effect[sub, r] = torch.nan_to_num(margin(logits, call.labels[rows[sub]]) - base[sub], nan=float("-inf"))
         return effect
 
-    def _measure_after(self, call: AttackCall, rest, onehot, idx, region_effect) -> None:
+    def _measure_after(self, call: AttackCall, rest, seg, s, idx, region_effect) -> None:
         """Re-measure, on top of the verified correction, each region's effect: the margin
         gained when the rest of its change is added to the corrected image; one query per
         region that has change left (paid guide), for the images whose budget pays for all of
@@ -284,8 +296,9 @@ class RegionsAttack(CorrectiveAttack):
         adds after the correction keep it corrected where they can. Images the budget cannot
         pay for keep the effects measured on the original image. The margin on the correction
         itself is the oracle's answer already paid for (or the free guide's)."""
-        left = onehot[idx] * (rest[idx].abs().sum(1).flatten(1) > 0)[:, :, None].float()
-        need = (left.sum(1) > 0).sum(1)
+        # The regions with change left: (idx, S).
+        left = region_sums((rest[idx].abs().sum(1).flatten(1) > 0).to(rest.dtype), seg[idx], s) > 0
+        need = left.sum(1)
         fits = torch.ones_like(need).bool() if call.guide.free else need <= call.left(idx)
         rows = idx[fits]
         if len(rows) == 0:
@@ -294,14 +307,14 @@ class RegionsAttack(CorrectiveAttack):
             base = margin(call.scores[rows], call.labels[rows])
         else:
             base = margin(call.guide.logits(call.corrected[rows]), call.labels[rows])
-        effect = self._measure_regions(call, rows, call.corrected[rows], rest[rows], left[fits], base)
+        effect = self._measure_regions(call, rows, call.corrected[rows], rest[rows], seg[rows], left[fits], base)
         # Regions with no change left (wholly inside the correction) were not asked: 0.
-        region_effect[rows] = effect_map(onehot[rows], effect, region_effect.shape[1:])
+        region_effect[rows] = effect_map(seg[rows], effect, region_effect.shape[1:])
 
-    def _fewest_regions(self, call: AttackCall, full, onehot, effect, selected, delta) -> None:
+    def _fewest_regions(self, call: AttackCall, full, seg, effect, selected, delta) -> None:
         """The fewest regions, taken in order of measured effect, whose change together
         corrects: all helpful regions first (one query), then a bisection on their number."""
-        n, _, s = onehot.shape
+        s = effect.shape[1]
         x0 = call.x0
         order = effect.argsort(dim=1, descending=True, stable=True)
         helpful = (effect > 0).sum(1)
@@ -310,7 +323,7 @@ class RegionsAttack(CorrectiveAttack):
 
         def attempt(rows, k):
             chosen = rank[rows] < k[:, None]
-            x = to_grid(x0[rows] + full[rows] * pixel_mask(onehot[rows], chosen, x0[rows].shape), self.pixels)
+            x = to_grid(x0[rows] + full[rows] * pixel_mask(seg[rows], chosen, x0[rows].shape), self.pixels)
             verdict = call.check(rows, x)
             ok = verdict.ok
             good = rows[ok]
@@ -335,17 +348,17 @@ class RegionsAttack(CorrectiveAttack):
             hi[sub] = torch.where(ok, mid, hi[sub])
             lo[sub] = torch.where(ok, lo[sub], mid)
 
-    def _prune(self, call: AttackCall, delta, selected, grad, onehot, idx) -> None:
+    def _prune(self, call: AttackCall, delta, selected, grad, seg, s, idx) -> None:
         """Take back the least-contributing region while the image stays corrected."""
         for _ in range(self.prune_steps):
             idx = idx[selected[idx].sum(1) >= 2]
             if len(idx) == 0:
                 return
-            contribution = region_scores(grad[idx] * delta[idx], onehot[idx])
+            contribution = region_scores(grad[idx] * delta[idx], seg[idx], s)
             weakest = contribution.masked_fill(~selected[idx], float("inf")).argmin(1)
             without = selected[idx].clone()
             without[torch.arange(len(idx), device=idx.device), weakest] = False
-            d = delta[idx] * pixel_mask(onehot[idx], without, delta[idx].shape)
+            d = delta[idx] * pixel_mask(seg[idx], without, delta[idx].shape)
             x = to_grid(call.x0[idx] + d, self.pixels)
             verdict = call.check(idx, x)
             ok = verdict.ok

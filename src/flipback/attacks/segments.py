@@ -15,10 +15,20 @@ import torch
 SEGMENTATIONS = ("slic", "grid")
 
 
+#: The most regions an image is split into by default: a 14 x 14 grid's worth, the patch
+#: grid of a ViT-B/16 at 224 px (a region of about 16 x 16 pixels there).
+MAX_SEGMENTS = 196
+
+
 def default_segments(h: int, w: int) -> int:
-    """About one region per 10 pixels (102 on 32x32, 78 on 28x28): a region then fits in 1%
-    of the image, small enough to name a cause, large enough that few are needed."""
-    return max(4, (h * w) // 10)
+    """The rule: one region per 10 pixels, at least 4 and at most 196 (`MAX_SEGMENTS`).
+
+    Up to 44 x 44 images this is one region per 10 pixels (102 on 32x32, 78 on 28x28): a region
+    then fits in about 1% of the image, small enough to name a cause, large enough that few are
+    needed. Larger images get 196 regions, whatever their size (about 16 x 16 pixels at 224 px),
+    so that measuring each region once (one query each) stays within the method's default
+    per-image budget of 250 queries, and the per-region tensors stay (images x 196)."""
+    return max(4, min(MAX_SEGMENTS, (h * w) // 10))
 
 
 def grid_segments(n: int, h: int, w: int, n_segments: int, device=None) -> torch.Tensor:
