@@ -138,7 +138,7 @@ def _ray_options(address: Optional[str], actors: Optional[int], cpus: float, gpu
 
 
 _RAY_HELP = ("auto | local | HOST:PORT: spread the batches over a Ray cluster (auto: the one this machine "
-             "is part of; local: start one here). Needs `pip install 'flipback[ray]'`.")
+             "is part of; local: start one here). Needs `pip install 'flipback\\[ray]'`.")  # \[: not rich markup
 
 
 @app.command()
