@@ -143,7 +143,8 @@ _RAY_HELP = ("auto | local | HOST:PORT: spread the batches over a Ray cluster (a
 
 @app.command()
 def explain(
-    model: str = typer.Option(..., help="ARCH:WEIGHTS (e.g. cifar_resnet20:model.th) or FILE.pt (TorchScript)."),
+    model: str = typer.Option(..., help="ARCH:WEIGHTS (e.g. cifar_resnet20:model.th), FILE.pt (TorchScript), FILE.pt2 "
+                              "(torch.export), timm:NAME[:WEIGHTS], hf:DIR, python:MODULE:FACTORY; see the README."),
     data: str = typer.Option(..., help="Image folder, IDX folder/file, or .npz."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed when it holds the same run)."),
     mode: Mode = typer.Option(Mode.white_box, help="white-box: the model's gradients."),
@@ -170,6 +171,8 @@ def explain(
     total_budget: Optional[int] = typer.Option(None, min=0, help="--ray: most counted queries of the whole run, all actors together."),
     rate_limit: Optional[float] = typer.Option(None, min=0.001, help="--ray, black-box: most requests per second to the target, all actors together."),
     device: str = typer.Option("auto", help="auto (CUDA when there is one) | cpu | cuda | cuda:N | mps: where the model (black-box: the surrogate) runs."),
+    classes: Optional[Path] = typer.Option(None, help="The model's class names, one a line, in its output order: "
+                                           "the data set's class folders are matched to them."),
 ):
     """Find the target's errors and explain each with a verified corrective change."""
     from .runs.explain_run import ExplainConfig, run_explain
@@ -179,7 +182,8 @@ def explain(
                             budget=budget, split=split, limit=limit, mean=_floats(mean), std=_floats(std),
                             trust_model=trust_model, figures=figures, batch_size=batch_size,
                             options=_step_option(method, step), surrogate=surrogate, output=output.value,
-                            timeout=timeout, retries=retries, device=device)
+                            timeout=timeout, retries=retries, device=device,
+                            classes=str(classes) if classes else None)
         summary = run_explain(cfg, out_dir, show_progress=not _state["quiet"], resume=resume, log=_log,
                               ray=_ray_options(ray, ray_actors, ray_cpus, ray_gpus, total_budget, rate_limit))
         _print_summary(summary, out_dir)

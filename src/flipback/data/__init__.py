@@ -1,8 +1,11 @@
 """Data set loading: image folders, MNIST/Fashion-MNIST IDX files and .npz arrays.
 
-    ds = load_dataset(path, split="test", cache_dir=None, workers=None, progress=False, size=None)
+    ds = load_dataset(path, split="test", cache_dir=None, workers=None, progress=False, size=None,
+                      transform=None)
 
-Image folders are decoded once into a memory-mapped cache keyed by `ds.fingerprint`.
+Image folders are decoded once into a memory-mapped cache keyed by `ds.fingerprint`; `transform`
+(preprocess.Preprocess, the model's eval transform) is applied then, and is part of the key.
+classes.match_classes renumbers a data set's labels to a model's classes.
 """
 
 from flipback.data.dataset import Dataset, SkippedItem

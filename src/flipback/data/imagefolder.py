@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from flipback.data import cache, fingerprint
 from flipback.data.dataset import Dataset, SkippedItem, release_mapped_pages
+from flipback.data.preprocess import Preprocess
 from flipback.data.progress import progress_bar
 from flipback.errors import DataError
 
@@ -133,8 +134,9 @@ def _probe(f: _File) -> tuple[tuple[int, int], bool] | str:
         return _open_error(e)
 
 
-def _decode_one(path: Path, size: tuple[int, int], mode: str) -> np.ndarray | str:
-    """Fully decode one image to (H, W, C) uint8, or the reason it is skipped."""
+def _decode_one(path: Path, size: tuple[int, int], mode: str, transform: Preprocess | None = None) -> np.ndarray | str:
+    """Fully decode one image to (H, W, C) uint8, or the reason it is skipped. With the model's
+    `transform`, every image is resized and center-cropped to its input size."""
     try:
         with Image.open(path) as im:
             im.load()  # forces the whole decode, so truncation surfaces here
@@ -148,7 +150,9 @@ def _decode_one(path: Path, size: tuple[int, int], mode: str) -> np.ndarray | st
                 im = Image.fromarray(arr[..., 0])
             if im.mode != mode:
                 im = im.convert(mode)
-            if im.size != size:
+            if transform is not None:
+                im = transform(im)
+            elif im.size != size:
                 im = im.resize(size, Image.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except Exception as e:
@@ -156,10 +160,13 @@ def _decode_one(path: Path, size: tuple[int, int], mode: str) -> np.ndarray | st
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _folder_fingerprint(root: Path, classes: list[str], files: list[_File], size) -> str:
+def _folder_fingerprint(root: Path, classes: list[str], files: list[_File], size, transform=None) -> str:
     # Hashed file by file: a JSON of the whole listing would be one more copy of it in memory.
-    h = hashlib.sha256(json.dumps({"kind": "imagefolder", "cache_version": cache.CACHE_VERSION, "classes": classes,
-                                   "size": list(size) if size else None}, sort_keys=True).encode())
+    key = {"kind": "imagefolder", "cache_version": cache.CACHE_VERSION, "classes": classes,
+           "size": list(size) if size else None}
+    if transform is not None:  # only then, so that entries made without one keep their keys
+        key["preprocess"] = transform.key()
+    h = hashlib.sha256(json.dumps(key, sort_keys=True).encode())
     for f in files:
         h.update(json.dumps([f.name, f.size, f.mtime_ns]).encode())
     return fingerprint.digest(h)
@@ -167,8 +174,9 @@ def _folder_fingerprint(root: Path, classes: list[str], files: list[_File], size
 
 def load_image_folder(root: Path, *, cache_dir=None, workers: int | None = None,
                       progress: bool = False, size: tuple[int, int] | None = None,
-                      base: Path | None = None) -> Dataset:
-    """Classes are root's sub-folders; names are relative to `base` (default root), the source."""
+                      base: Path | None = None, transform: Preprocess | None = None) -> Dataset:
+    """Classes are root's sub-folders; names are relative to `base` (default root), the source.
+    `transform` (the model's eval transform) replaces `size`: images of any size are accepted."""
     base = base or root
     classes = find_classes(root)
     if not classes:
@@ -181,18 +189,18 @@ def load_image_folder(root: Path, *, cache_dir=None, workers: int | None = None,
     if not files:
         raise DataError(f"no images in {root}",
                         hint=f"expected {root}/<class>/*.png (or .jpg, .jpeg, .bmp, .webp, .gif, .tif)")
-    fp = _folder_fingerprint(root, classes, files, size)
+    fp = _folder_fingerprint(root, classes, files, size, transform)
     cache_root = cache.resolve_cache_dir(cache_dir)
     hit = cache.read_entry(cache_root, fp)
     if hit is None:
-        hit = _build(root, classes, files, fp, cache_root, workers, progress, size)
+        hit = _build(root, classes, files, fp, cache_root, workers, progress, size, transform)
     # Entries that are not image files are listed afresh on every load, so they need no cache.
     skipped = sorted(left_out + hit["skipped"], key=lambda s: s.name)
     return Dataset(hit["images"], hit["labels"], hit["classes"], hit["names"],
                    skipped=skipped, source=str(base), fingerprint=fp)
 
 
-def _build(root, classes, files, fp, cache_root, workers, progress, size) -> dict:
+def _build(root, classes, files, fp, cache_root, workers, progress, size, transform=None) -> dict:
     workers = max(1, workers or min(8, os.cpu_count() or 1))
     try:
         staging, keep = cache.Staging(cache_root, fp), True
@@ -205,7 +213,7 @@ def _build(root, classes, files, fp, cache_root, workers, progress, size) -> dic
                             hint="set FLIPBACK_CACHE to a writable folder") from None
     try:
         with ThreadPoolExecutor(workers) as pool, progress_bar(progress) as bar:
-            labels, names, skipped, images = _decode_all(root, files, size, staging, pool, bar)
+            labels, names, skipped, images = _decode_all(root, files, size, staging, pool, bar, transform)
             images.flush()
             del images  # close the writable map before renaming its folder
         if keep:
@@ -226,7 +234,7 @@ def _build(root, classes, files, fp, cache_root, workers, progress, size) -> dic
         raise
 
 
-def _decode_all(root, files, size, staging, pool, bar):
+def _decode_all(root, files, size, staging, pool, bar, transform=None):
     reasons: dict[int, str] = {}
     probes: list = []
     task = bar.add("reading headers", len(files))
@@ -239,6 +247,8 @@ def _decode_all(root, files, size, staging, pool, bar):
     if not ok:
         raise _nothing_readable(root, files, reasons)
 
+    if transform is not None:
+        size = (transform.width, transform.height)
     target = size or Counter(probes[i][0] for i in ok).most_common(1)[0][0]
     if size is None:
         w0, h0 = target
@@ -251,6 +261,8 @@ def _decode_all(root, files, size, staging, pool, bar):
     # colour images in a gray set are kept only if they hold no colour (see _decode_one).
     gray = sum(1 for i in ok if probes[i][1])
     mode = "L" if gray > len(ok) - gray else "RGB"
+    if transform is not None and transform.channels == 3:  # a colour model: gray images join exactly
+        mode = "RGB"
     channels = 1 if mode == "L" else 3
     w0, h0 = target
 
@@ -259,7 +271,7 @@ def _decode_all(root, files, size, staging, pool, bar):
     task = bar.add("decoding", len(ok))
     for start in range(0, len(ok), CHUNK):
         chunk = ok[start:start + CHUNK]
-        for i, arr in zip(chunk, pool.map(lambda j: _decode_one(files[j].path, target, mode), chunk)):
+        for i, arr in zip(chunk, pool.map(lambda j: _decode_one(files[j].path, target, mode, transform), chunk)):
             if isinstance(arr, str):
                 reasons[i] = arr
             else:

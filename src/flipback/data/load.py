@@ -14,6 +14,7 @@ from flipback.data.dataset import Dataset
 from flipback.data.fingerprint import of_json
 from flipback.data.imagefolder import load_image_folder
 from flipback.data.npz import load_npz
+from flipback.data.preprocess import Preprocess
 from flipback.errors import DataError
 
 SPLITS = ("train", "test")
@@ -27,8 +28,12 @@ _TRAIN_NAMES = {"train", "training"}
 
 def load_dataset(path: str | os.PathLike, *, split: str = "test", cache_dir=None,
                  workers: int | None = None, progress: bool = False,
-                 size: tuple[int, int] | None = None) -> Dataset:
-    """Load an image folder, IDX folder/file or .npz as a Dataset (see package docs)."""
+                 size: tuple[int, int] | None = None, transform: Preprocess | None = None) -> Dataset:
+    """Load an image folder, IDX folder/file or .npz as a Dataset (see package docs).
+
+    `transform`: the model's eval transform (resize, center crop, channels), applied once here,
+    so that images of any size and aspect ratio come out at the model's input size; it replaces
+    `size`. Without one, a folder keeps its most common size and skips the others."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}", hint="use 'train' or 'test'")
     size = _check_size(size)
@@ -45,16 +50,17 @@ def load_dataset(path: str | os.PathLike, *, split: str = "test", cache_dir=None
             raise DataError(f"{p.name} is a labels file", hint="give the images file or the folder holding both")
         else:
             raise DataError(f"unknown data set format: {p.name}", hint=f"give {_FORMATS}")
-        return _resized(ds, size)
+        return _transformed(ds, transform) if transform is not None else _resized(ds, size)
     if not p.is_dir():
         raise DataError(f"{p} is neither a file nor a folder", hint=f"give {_FORMATS}")
     images_file = idx.find_images(p, split)
     if images_file is not None:
-        ds = _resized(idx.load_idx(images_file), size)
+        ds = idx.load_idx(images_file)
+        ds = _transformed(ds, transform) if transform is not None else _resized(ds, size)
         ds.source = str(p)
         return ds
     return load_image_folder(_split_folder(p, split), cache_dir=cache_dir, workers=workers,
-                             progress=progress, size=size, base=p)
+                             progress=progress, size=size, base=p, transform=transform)
 
 
 def split_of(path: str | os.PathLike, split: str = "test") -> tuple[str, str]:
@@ -129,4 +135,21 @@ def _resized(ds: Dataset, size: tuple[int, int] | None) -> Dataset:
         im = Image.fromarray(img[..., 0] if c == 1 else img).resize(size, Image.BILINEAR)
         out[i] = np.asarray(im).reshape(size[1], size[0], c)
     fp = of_json({"parent": ds.fingerprint, "size": list(size)})
+    return Dataset(out, ds.labels, ds.classes, ds.names, skipped=ds.skipped, source=ds.source, fingerprint=fp)
+
+
+def _transformed(ds: Dataset, transform: Preprocess) -> Dataset:
+    """Array formats: the model's eval transform on every image (unchanged when it is a no-op)."""
+    h, w, c = ds.shape
+    # Gray images become RGB for a colour model (exact); colour ones are never made gray (lossy):
+    # the model's input check then says what is wrong.
+    channels = 3 if transform.channels == 3 else c
+    if transform.is_identity(w, h) and channels == c:
+        return ds
+    out = np.empty((len(ds), transform.height, transform.width, channels), dtype=np.uint8)
+    for i, img in enumerate(ds.images):
+        im = transform(Image.fromarray(img[..., 0] if c == 1 else img))
+        im = im.convert("L" if channels == 1 else "RGB")
+        out[i] = np.asarray(im).reshape(transform.height, transform.width, channels)
+    fp = of_json({"parent": ds.fingerprint, "preprocess": transform.key()})
     return Dataset(out, ds.labels, ds.classes, ds.names, skipped=ds.skipped, source=ds.source, fingerprint=fp)

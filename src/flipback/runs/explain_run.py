@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ..attacks import AttackResult
-from ..data import Dataset, load_dataset
+from ..data import Dataset
 from ..errors import ModelError, RunError
 from ..explain import explain_changes, save_figure
 from ..explain.recurring import recurring_causes
@@ -27,6 +27,7 @@ from ..report import write_report
 from ..store import ImageRecord, RunStore
 from ..targets.answers import BudgetExceeded as BudgetExceededError
 from ..targets.answers import TargetError
+from ..targets.loading import dataset_for_model
 from ..targets.surrogate import as_probabilities
 from .engine import Engine, build_engine
 from .errors import Predictions, predict_dataset, to_tensor
@@ -54,11 +55,12 @@ class ExplainConfig:
     timeout: float = 10.0  # black-box: seconds to wait for one answer
     retries: int = 3  # black-box: retries of a failed call (5xx, 429, timeout, dropped connection)
     device: str = "auto"  # where the model (white-box) or the surrogate (black-box) runs: auto, cpu, cuda, cuda:N, mps
+    classes: str | None = None  # a file of the model's class names, one a line, in its output order
 
     def identity(self, data_fingerprint: str, model_fingerprint: str) -> dict:
         """What must match for a run folder to be resumed."""
         keep = ("model", "mode", "method", "pixels", "budget", "split", "limit", "mean", "std", "options",
-                "surrogate", "output")
+                "surrogate", "output")  # classes: the data fingerprint holds the mapping it made
         d = {k: v for k, v in asdict(self).items() if k in keep}
         return {**d, "data_fingerprint": data_fingerprint, "model_fingerprint": model_fingerprint}
 
@@ -345,7 +347,8 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
         from .distributed import run_explain_ray
 
         return run_explain_ray(cfg, Path(run_dir), ray, show_progress=show_progress, resume=resume, log=log)
-    ds = load_dataset(cfg.data, split=cfg.split, progress=show_progress)
+    # Decoded with the model's eval transform, classes matched to the model's (targets/loading.py).
+    ds = dataset_for_model(cfg.model, cfg.data, split=cfg.split, classes=cfg.classes, progress=show_progress)
     engine = build_engine(cfg, ds.num_classes, ds.shape)
     run_dir = Path(run_dir)
     identity = cfg.identity(ds.fingerprint, file_fingerprint(cfg.model) + file_fingerprint(cfg.surrogate or ""))
