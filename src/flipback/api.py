@@ -19,7 +19,9 @@ import torch
 
 from .attacks import make_attack
 from .explain import Explanation, explain_changes, save_figure
+from .runs.memory import plan
 from .targets import WhiteBoxTarget, load_model
+from .targets.device import resolve_device
 
 
 @dataclass
@@ -76,33 +78,43 @@ def _as_nchw(images) -> torch.Tensor:
 
 def explain(model, images, labels, *, method: str = "minimal", pixels: str = "uint8",
             class_names: Sequence[str] | None = None, num_classes: int | None = None,
-            batch_size: int = 256, **options) -> list[Correction]:
+            batch_size: int = 256, device: str = "auto", max_memory: str | int | None = None,
+            **options) -> list[Correction]:
     """Correct and explain every image that `model` gets wrong.
 
     model: a torch module taking [0,1] NCHW pixels (normalization inside), or a SPEC string
     such as "cifar_resnet20:weights.th". images: (N,C,H,W) or (N,H,W,C), uint8 or floats in
     [0,1]. Returns one `Correction` per misclassified image, in order.
+
+    device: "auto" (CUDA when there is one), "cpu", "cuda", "cuda:N" or "mps"; the model runs
+    there and the 8-bit candidates are verified there, in float32. max_memory: a cap such as
+    "8G" that sizes the batches (at most `batch_size`; default 80% of the free memory); a cap
+    that cannot hold one image raises `flipback.runs.memory.MemoryLimitError`.
     """
+    dev = resolve_device(device)
     x = _as_nchw(images)
     y = torch.as_tensor(np.asarray(labels)).long()
     k = num_classes or (len(class_names) if class_names else None)
     if isinstance(model, str):
         model = load_model(model, k or int(y.max()) + 1).module
-    with torch.no_grad():
-        k = k or int(model(x[:1]).shape[1])
-    target = WhiteBoxTarget(model, k)
+    if not k:
+        with torch.no_grad():
+            k = int(model.to(dev)(x[:1].to(dev)).shape[1])
+    target = WhiteBoxTarget(model, k, dev)  # the model runs on `dev`, and the attack's tensors live there
     attack = make_attack(method, pixels=pixels, **options)
+    batch_size = plan(target.module, method, tuple(x.shape[1:]), dev, max_memory=max_memory,
+                      batch_size=batch_size).batch_size
     out: list[Correction] = []
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        before = target.predict(xb, counted=False).argmax(1)
+        before = target.predict(xb, counted=False).argmax(1).cpu()
         wrong = (before != yb).nonzero().squeeze(1)
         if len(wrong) == 0:
             continue
         r = attack.run(target, target, xb[wrong], yb[wrong], start + wrong)
-        after = r.answered()
+        after = r.answered().cpu()
         originals = xb[wrong].permute(0, 2, 3, 1).numpy()
-        corrected = r.corrected.permute(0, 2, 3, 1).numpy()
+        corrected = r.corrected.cpu().permute(0, 2, 3, 1).numpy()
         for j, e in enumerate(explain_changes(originals, corrected)):
             out.append(Correction(start + int(wrong[j]), originals[j], corrected[j], int(yb[wrong[j]]),
                                   int(before[wrong[j]]), int(after[j]), bool(r.success[j]), int(r.queries[j]), e,

@@ -137,6 +137,10 @@ def _ray_options(address: Optional[str], actors: Optional[int], cpus: float, gpu
                       rate_limit=rate_limit)
 
 
+_DEVICE_HELP = "auto (CUDA when there is one, then MPS, then the CPU) | cpu | cuda | cuda:N | mps: where the model runs."
+_MEMORY_HELP = ("Memory cap that sizes the batches, e.g. 8G or 512M (default: 80% of the memory free when the run "
+                "starts; on CUDA, of the GPU's). A run that cannot fit one image stops with an error.")
+
 _RAY_HELP = ("auto | local | HOST:PORT: spread the batches over a Ray cluster (auto: the one this machine "
              "is part of; local: start one here). Needs `pip install 'flipback\\[ray]'`.")  # \[: not rich markup
 
@@ -171,6 +175,7 @@ def explain(
     total_budget: Optional[int] = typer.Option(None, min=0, help="--ray: most counted queries of the whole run, all actors together."),
     rate_limit: Optional[float] = typer.Option(None, min=0.001, help="--ray, black-box: most requests per second to the target, all actors together."),
     device: str = typer.Option("auto", help="auto (CUDA when there is one) | cpu | cuda | cuda:N | mps: where the model (black-box: the surrogate) runs."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
     classes: Optional[Path] = typer.Option(None, help="The model's class names, one a line, in its output order: "
                                            "the data set's class folders are matched to them."),
 ):
@@ -182,7 +187,7 @@ def explain(
                             budget=budget, split=split, limit=limit, mean=_floats(mean), std=_floats(std),
                             trust_model=trust_model, figures=figures, batch_size=batch_size,
                             options=_step_option(method, step), surrogate=surrogate, output=output.value,
-                            timeout=timeout, retries=retries, device=device,
+                            timeout=timeout, retries=retries, device=device, max_memory=max_memory,
                             classes=str(classes) if classes else None)
         summary = run_explain(cfg, out_dir, show_progress=not _state["quiet"], resume=resume, log=_log,
                               ray=_ray_options(ray, ray_actors, ray_cpus, ray_gpus, total_budget, rate_limit))
@@ -212,6 +217,8 @@ def bench_paper(
     ray_gpus: float = typer.Option(0.0, min=0, help="--ray: GPUs per actor (its model runs there)."),
     total_budget: Optional[int] = typer.Option(None, min=0, help="--ray: most counted queries of the whole run, all actors together."),
     rate_limit: Optional[float] = typer.Option(None, min=0.001, help="--ray, black-box: most requests per second to the target, all actors together."),
+    device: str = typer.Option("auto", help=_DEVICE_HELP + " Black-box: the surrogate."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
 ):
     """Run each method on all errors and compare with the published figures."""
     from .runs.bench import PAPER, run_bench
@@ -222,6 +229,7 @@ def bench_paper(
                            limit=limit, figures=figures, batch_size=batch_size,
                            surrogate=surrogate, surrogate_data=surrogate_data, surrogate_budget=surrogate_budget,
                            output=output.value, show_progress=not _state["quiet"], log=_log,
+                           device=device, max_memory=max_memory,
                            ray=_ray_options(ray, ray_actors, ray_cpus, ray_gpus, total_budget, rate_limit))
         if _state["json"]:
             print(json.dumps(result))
@@ -254,6 +262,7 @@ def bench_faithfulness(
     real: bool = typer.Option(False, "--real", help="The model's own test errors instead of planted ones."),
     limit: int = typer.Option(500, min=1, help="How many errors to explain."),
     baselines: Optional[str] = typer.Option(None, help="Comma-separated Captum baselines (default: all)."),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
 ):
     """Do explanations point at the real cause? flipback's regions against Captum baselines:
     pointing game and top-k precision on planted causes, deletion-to-correct everywhere."""
@@ -265,7 +274,7 @@ def bench_faithfulness(
         if unknown:
             raise FlipbackError(f"unknown baseline '{unknown[0]}'", hint=f"choose from: {', '.join(BASELINES)}")
         result = run_faithfulness(data=data, model=model, out_dir=out_dir, real=real, limit=limit, baselines=chosen,
-                                  show_progress=not _state["quiet"], log=_log)
+                                  device=device, show_progress=not _state["quiet"], log=_log)
         if _state["json"]:
             print(json.dumps(result))
             return
@@ -314,6 +323,7 @@ def surrogate_cmd(
     std: Optional[str] = typer.Option(None),
     allow_test_data: bool = typer.Option(False, "--allow-test-data",
                                          help="Train on test (or validation) images anyway; refused otherwise."),
+    device: str = typer.Option("auto", help=_DEVICE_HELP + " (the surrogate's training)"),
 ):
     """Train a surrogate of a black-box target from its answers alone."""
     from .runs.surrogate_run import run_surrogate
@@ -321,7 +331,7 @@ def surrogate_cmd(
     def go():
         meta = run_surrogate(target=target, data=data, budget=budget, out=out_file, split=split,
                              output=output.value, epochs=epochs, members=members, seed=seed, mean=_floats(mean),
-                             std=_floats(std), allow_test_data=allow_test_data, show_progress=not _state["quiet"],
+                             std=_floats(std), allow_test_data=allow_test_data, device=device, show_progress=not _state["quiet"],
                              log=_log)
         if _state["json"]:
             print(json.dumps(meta))
@@ -351,13 +361,14 @@ def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out"),
     method: str = typer.Option("minimal", help="The white-box method (the black-box half uses fast)."),
     limit: Optional[int] = typer.Option(None, help="Explain only the first N errors."),
+    device: str = typer.Option("auto", help=_DEVICE_HELP + " (the explained model and the surrogate)"),
 ):
     """Train (once) a small CNN on Fashion-MNIST and explain its test-set errors, white-box
     and black-box."""
     from .runs.demo import run_demo
 
     def go():
-        summaries = run_demo(data=data, out_dir=out_dir, method=method, limit=limit,
+        summaries = run_demo(data=data, out_dir=out_dir, method=method, limit=limit, device=device,
                              show_progress=not _state["quiet"], log=_log)
         if _state["json"]:
             print(json.dumps({mode: {k: v for k, v in s.items() if k != "confusion"} for mode, s in summaries.items()}))

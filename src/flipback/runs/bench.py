@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import FlipbackError
 from ..report import write_report
+from ..targets.device import resolve_device
 from .explain_run import ExplainConfig, run_explain
 
 # Haffar, Jebreel, Domingo-Ferrer, Sanchez, MDAI 2021 (LNCS 12898), as reported.
@@ -25,16 +26,20 @@ PAPER = {
 def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[str] | None = None,
               pixels: str = "uint8", limit: int | None = None, figures: bool = False, batch_size: int = 256,
               surrogate: str | None = None, surrogate_data: str | None = None, surrogate_budget: int = 10000,
-              output: str = "scores", show_progress: bool = True, log=print, ray=None) -> dict:
+              output: str = "scores", show_progress: bool = True, log=print, ray=None, device: str = "auto",
+              max_memory: str | None = None) -> dict:
     out_dir = Path(out_dir)
+    resolve_device(device)  # a device that is not there: one clear error before any work
     if methods is None:
         methods = ["paper", "fast", "minimal"] if mode == "white-box" else ["paper", "fast"]
     if mode == "black-box" and surrogate is None:
-        surrogate = str(_bench_surrogate(model, surrogate_data, surrogate_budget, output, out_dir, show_progress, log))
+        surrogate = str(_bench_surrogate(model, surrogate_data, surrogate_budget, output, out_dir, show_progress, log,
+                                         device=device))
     results = {}
     for method in methods:
         cfg = ExplainConfig(model=model, data=data, mode=mode, method=method, pixels=pixels, limit=limit,
-                            figures=figures, batch_size=batch_size, surrogate=surrogate, output=output)
+                            figures=figures, batch_size=batch_size, surrogate=surrogate, output=output, device=device,
+                            max_memory=max_memory)
         log(f"bench: {method}")
         summary = run_explain(cfg, out_dir / method, show_progress=show_progress, log=log, ray=ray)
         results[method] = {k: v for k, v in summary.items() if k not in ("confusion", "classes")}
@@ -47,7 +52,7 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
 
 
 def _bench_surrogate(model, surrogate_data, budget, output, out_dir: Path, show_progress, log,
-                     allow_test_data: bool = False) -> Path:
+                     allow_test_data: bool = False, device: str = "auto") -> Path:
     """Train the bench's surrogate once; a re-run (resume) reuses the one in the folder."""
     from .surrogate_run import run_surrogate
 
@@ -59,5 +64,5 @@ def _bench_surrogate(model, surrogate_data, budget, output, out_dir: Path, show_
         log(f"using the bench's surrogate {path}")
         return path
     run_surrogate(target=model, data=surrogate_data, budget=budget, out=path, output=output,
-                  allow_test_data=allow_test_data, show_progress=show_progress, log=log)
+                  allow_test_data=allow_test_data, device=device, show_progress=show_progress, log=log)
     return path

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..data import fashion_mnist_dir, load_dataset
 from ..errors import DataError
+from ..targets.device import resolve_device
 from ..targets.surrogate import DEFAULT_MEMBERS
 from .explain_run import ExplainConfig, run_explain
 from .surrogate_run import run_surrogate
@@ -16,7 +17,7 @@ from .train import model_cache_dir, train_small_cnn
 SURROGATE_QUERIES = 5000
 
 
-def _surrogate(spec: str, root: Path, path: Path, show_progress: bool, log) -> Path:
+def _surrogate(spec: str, root: Path, path: Path, show_progress: bool, log, device: str = "auto") -> Path:
     """The black-box half's surrogate, trained once from the target's answers and cached.
     No flips: Fashion-MNIST's shoes all face one way."""
     if path.is_file():
@@ -24,14 +25,15 @@ def _surrogate(spec: str, root: Path, path: Path, show_progress: bool, log) -> P
         return path
     log(f"training a surrogate from {SURROGATE_QUERIES} answers of the model (once; cached at {path})")
     run_surrogate(target=spec, data=str(root), budget=SURROGATE_QUERIES, out=path, split="train", epochs=10,
-                  flip=False, show_progress=show_progress, log=log)
+                  flip=False, device=device, show_progress=show_progress, log=log)
     return path
 
 
 def run_demo(*, data: str | None, out_dir: Path, method: str = "minimal", limit: int | None = None,
-             show_progress: bool = True, log=print) -> dict[str, dict]:
+             show_progress: bool = True, log=print, device: str = "auto") -> dict[str, dict]:
     """Returns {"white-box": summary, "black-box": summary}; run folders are OUT/white-box
     and OUT/black-box."""
+    resolve_device(device)  # a device that is not there: one clear error before any work
     root = Path(data) if data else fashion_mnist_dir()
     if root is None or not root.exists():
         raise DataError(
@@ -47,12 +49,12 @@ def run_demo(*, data: str | None, out_dir: Path, method: str = "minimal", limit:
         train_small_cnn(train, weights, show_progress=show_progress)
     spec = f"small_cnn:{weights}"
     out_dir = Path(out_dir)
-    white = ExplainConfig(model=spec, data=str(root), split="test", method=method, limit=limit)
+    white = ExplainConfig(model=spec, data=str(root), split="test", method=method, limit=limit, device=device)
     summaries = {"white-box": run_explain(white, out_dir / "white-box", show_progress=show_progress, log=log)}
     # The members are in the name, so a new default ensemble is trained rather than an old file reused.
     cached = weights.with_name(f"{weights.stem}-surrogate{SURROGATE_QUERIES}-{'-'.join(DEFAULT_MEMBERS)}.th")
-    surrogate = _surrogate(spec, root, cached, show_progress, log)
+    surrogate = _surrogate(spec, root, cached, show_progress, log, device)
     black = ExplainConfig(model=spec, data=str(root), split="test", mode="black-box", method="fast",
-                          surrogate=str(surrogate), limit=limit)
+                          surrogate=str(surrogate), limit=limit, device=device)
     summaries["black-box"] = run_explain(black, out_dir / "black-box", show_progress=show_progress, log=log)
     return summaries

@@ -31,6 +31,8 @@ from ..targets.loading import dataset_for_model
 from ..targets.surrogate import as_probabilities
 from .engine import Engine, build_engine
 from .errors import Predictions, predict_dataset, to_tensor
+from ..targets.device import resolve_device
+from .memory import MemoryLimitError, human, is_out_of_memory, plan_for_engine
 from .progress import progress_bar
 
 
@@ -55,6 +57,7 @@ class ExplainConfig:
     timeout: float = 10.0  # black-box: seconds to wait for one answer
     retries: int = 3  # black-box: retries of a failed call (5xx, 429, timeout, dropped connection)
     device: str = "auto"  # where the model (white-box) or the surrogate (black-box) runs: auto, cpu, cuda, cuda:N, mps
+    max_memory: str | None = None  # cap for sizing batches, e.g. "8G"; None: 80% of what is free (runs/memory.py)
     classes: str | None = None  # a file of the model's class names, one a line, in its output order
 
     def identity(self, data_fingerprint: str, model_fingerprint: str) -> dict:
@@ -189,7 +192,7 @@ def _attack_batch(engine: Engine, x: torch.Tensor, y: torch.Tensor, idx: np.ndar
             streak = 0
             continue
         except Exception as exc:
-            if _stops_run(exc):
+            if _stops_run(exc) or is_out_of_memory(exc):  # one image does not fit: no use going on
                 raise
             transient = bool(getattr(exc, "transient", False))
             streak = streak + 1 if transient else 0
@@ -347,14 +350,20 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
         from .distributed import run_explain_ray
 
         return run_explain_ray(cfg, Path(run_dir), ray, show_progress=show_progress, resume=resume, log=log)
+    resolve_device(cfg.device)  # a device that is not there: one clear error before the data is read
     # Decoded with the model's eval transform, classes matched to the model's (targets/loading.py).
     ds = dataset_for_model(cfg.model, cfg.data, split=cfg.split, classes=cfg.classes, progress=show_progress)
     engine = build_engine(cfg, ds.num_classes, ds.shape)
+    mem = plan_for_engine(engine, cfg, ds.shape)  # batch sizes under --max-memory, before any work
+    if mem.batch_size < cfg.batch_size:
+        log(f"memory: batches of {mem.batch_size} images (about {human(mem.per_image)} each, "
+            f"under a cap of {human(mem.cap)})")
     run_dir = Path(run_dir)
     identity = cfg.identity(ds.fingerprint, file_fingerprint(cfg.model) + file_fingerprint(cfg.surrogate or ""))
     with engine, RunStore.open(run_dir, identity, resume=resume) as store:
         with _stop_cleanly_when_unavailable():
-            preds = predict_dataset(engine.scores, ds, show_progress=show_progress)
+            preds = predict_dataset(engine.scores, ds, show_progress=show_progress,
+                                    batch_size=mem.predict_batch_size)
         todo_all = preds.misclassified[: cfg.limit] if cfg.limit is not None else preds.misclassified
         done = store.done()
         todo = np.array([i for i in todo_all if int(i) not in done], dtype=np.int64)
@@ -368,13 +377,20 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
             engine.add_spent(ids, np.array([again[i] for i in ids], dtype=np.int64))
         with progress_bar(f"explaining ({cfg.method})", total=len(todo_all), enabled=show_progress) as advance:
             advance(len(todo_all) - len(todo))
-            for start in range(0, len(todo), cfg.batch_size):
-                idx = todo[start:start + cfg.batch_size]
+            for start in range(0, len(todo), mem.batch_size):
+                idx = todo[start:start + mem.batch_size]
                 try:
                     batch = explain_batch(engine, ds, idx, cfg, run_dir)
                 except RunError as exc:
                     if getattr(exc, "unfinished", None) is not None:
                         store.set_unfinished(exc.unfinished)
+                    raise
+                except Exception as exc:
+                    if is_out_of_memory(exc):  # the estimate was short: one clear stop, resumable
+                        raise MemoryLimitError(
+                            f"out of memory on a batch of {len(idx)} images ({exc.__class__.__name__}); the "
+                            f"results so far are kept", hint="run again with a lower --max-memory or --batch-size "
+                            "to resume with smaller batches") from None
                     raise
                 store.add(batch.records, batch.corrected, batch.originals, batch.seconds)
                 advance(len(idx))

@@ -29,6 +29,7 @@ from ..data.planted import Cue
 from ..errors import DataError, FlipbackError
 from ..explain.attribution import BASELINES, VARIANTS, attribute
 from ..explain.metrics import change_map, deletion_to_correct, pointing_game, topk_precision
+from ..targets.device import resolve_device
 from ..targets.loading import load_model
 from ..targets.whitebox import WhiteBoxTarget
 from .errors import predict_dataset, to_tensor
@@ -56,14 +57,14 @@ def flipback_maps(method: str, target: WhiteBoxTarget, x: torch.Tensor, y: torch
     def one(sl):
         if method == "regions":
             r = RegionsAttack().run(target, target, x[sl], y[sl])
-            stats["n_regions"].append(r.regions.amax((1, 2)))
-            stats["fraction"].append((r.regions > 0).float().mean((1, 2)))
-            m = r.order
+            stats["n_regions"].append(r.regions.amax((1, 2)).cpu())
+            stats["fraction"].append((r.regions > 0).float().mean((1, 2)).cpu())
+            m = r.order.cpu()
         else:
             r = MinimalAttack().run(target, target, x[sl], y[sl])
-            m = change_map(x[sl], r.corrected)
-        stats["success"].append(r.success)
-        stats["queries"].append(r.queries)
+            m = change_map(x[sl], r.corrected.cpu())
+        stats["success"].append(r.success.cpu())
+        stats["queries"].append(r.queries.cpu())
         return m
 
     maps = _batched(one, len(x), batch_size, advance)
@@ -143,18 +144,19 @@ def _real_images(data: str | None, model: str | None, limit: int, show_progress:
 
 def run_faithfulness(*, data: str | None = None, model: str | None = None, out_dir: Path, real: bool = False,
                      limit: int = 500, baselines: tuple[str, ...] = BASELINES, batch_size: int = 128,
-                     show_progress: bool = True, log=print) -> dict:
+                     show_progress: bool = True, log=print, device: str = "auto") -> dict:
     out_dir = Path(out_dir)
+    dev = resolve_device(device)  # a device that is not there: one clear error before any work
     if real:
         info, spec, x, y, masks, k = _real_images(data, model, limit, show_progress)
     else:
         info, spec, x, y, masks, k = _planted_images(data, model, limit, show_progress, log)
     net = load_model(spec, k).module.eval()
-    target = WhiteBoxTarget(net, k)
+    target = WhiteBoxTarget(net, k, dev)  # moves net to `dev`; the maps and metrics stay on the CPU
 
     @torch.no_grad()
     def predict(t):
-        return net(t)
+        return net(t.to(dev)).cpu()
 
     pred = torch.cat([predict(x[s:s + 500]).argmax(1) for s in range(0, len(x), 500)])
     log(f"faithfulness: {len(x)} {info['kind']} errors, {len(baselines)} baselines x {len(VARIANTS)} variants")

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from ..data import load_dataset, split_of
 from ..errors import DataError
+from ..targets.device import resolve_device
 from ..targets.surrogate import DEFAULT_MEMBERS, parse_members, save_surrogate, train_surrogate
 from .progress import progress_bar
 
 
 def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str = "train", output: str = "scores",
                   epochs: int = 30, members=DEFAULT_MEMBERS, seed: int = 0, flip: bool = True, mean=None, std=None,
-                  allow_test_data: bool = False, show_progress: bool = True, log=print) -> dict:
+                  allow_test_data: bool = False, device: str = "auto", show_progress: bool = True, log=print) -> dict:
     """Train a surrogate of `target` on `data` and save it to `out`; returns its metadata.
 
     Test (or validation) data is refused unless `allow_test_data`: a surrogate trained on the
@@ -22,6 +23,7 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
     from ..targets.blackbox import load_blackbox
 
     members = parse_members(members)  # a bad name fails before any query
+    dev = resolve_device(device)  # so does a device that is not there
     kind, why = split_of(data, split)  # before any decoding or query
     if kind == "test" and not allow_test_data:
         raise DataError(f"refusing to train a surrogate on test data: {data} ({why})",
@@ -40,7 +42,7 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
                 progress_bar("training the surrogate", total=epochs * len(members), enabled=show_progress,
                              unit="epoch") as t_adv:
             surrogate = train_surrogate(bb, ds, budget, members=members, epochs=epochs, seed=seed, flip=flip,
-                                        target_spec=target,
+                                        target_spec=target, device=dev,
                                         progress=lambda stage, k: (q_adv if stage == "query" else t_adv)(k))
         surrogate.meta["queries"] = int(bb.queries)  # the accounting layer's exact count
     surrogate.meta["split"] = kind  # "train", "test" (allowed) or "unknown"

@@ -125,10 +125,12 @@ def query_answers(target, ds: Dataset, indices: np.ndarray, *, batch_size: int =
 
 
 def _fit_member(model: torch.nn.Module, x_all: torch.Tensor, train_idx: np.ndarray, targets: torch.Tensor,
-                soft: bool, *, epochs: int, lr: float, batch_size: int, flip: bool, seed: int, progress=None):
+                soft: bool, *, epochs: int, lr: float, batch_size: int, flip: bool, seed: int, progress=None,
+                device: torch.device | str = "cpu"):
     """SGD with a one-cycle learning rate on the target's answers (soft: cross-entropy against
     its probabilities), on random crops (and flips) of the queried images."""
     gen = torch.Generator().manual_seed(seed)
+    model = model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps_per_epoch = -(-len(train_idx) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
@@ -137,18 +139,19 @@ def _fit_member(model: torch.nn.Module, x_all: torch.Tensor, train_idx: np.ndarr
         order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
         for start in range(0, len(order), batch_size):
             b = order[start:start + batch_size]
-            logits = model(_augment(x_all[b], gen, flip))
+            # Augmented on the CPU (the same random draws on every device), trained on `device`.
+            logits = model(_augment(x_all[b], gen, flip).to(device))
             if soft:
-                loss = -(targets[b] * F.log_softmax(logits, 1)).sum(1).mean()
+                loss = -(targets[b].to(device) * F.log_softmax(logits, 1)).sum(1).mean()
             else:
-                loss = F.cross_entropy(logits, targets[b])
+                loss = F.cross_entropy(logits, targets[b].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
         if progress:
             progress("train", 1)
-    return model.eval()
+    return model.cpu().eval()  # saved and measured on the CPU
 
 
 def agreement(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
@@ -160,7 +163,7 @@ def agreement(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> 
 
 def train_surrogate(target, ds: Dataset, budget: int, *, members=DEFAULT_MEMBERS, epochs: int = 30,
                     holdout: float = 0.1, batch_size: int = 128, lr: float = 0.05, flip: bool = True,
-                    seed: int = 0, target_spec: str = "", progress=None) -> Surrogate:
+                    seed: int = 0, target_spec: str = "", progress=None, device: torch.device | str = "cpu") -> Surrogate:
     """Query the target on `budget` images of `ds` and fit a surrogate to its answers: each
     member in turn (member i with seed `seed + i`), on the same answers.
 
@@ -191,7 +194,7 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=DEFAULT_MEMBERS
         torch.manual_seed(seed + i)
         built.append(_fit_member(build_member(name, ds.num_classes, c), x_all, train_idx,
                                  probs if soft else labels, soft, epochs=epochs, lr=lr, batch_size=batch_size,
-                                 flip=flip and c == 3, seed=seed + i, progress=progress))
+                                 flip=flip and c == 3, seed=seed + i, progress=progress, device=device))
     model = built[0] if len(built) == 1 else SurrogateEnsemble(built).eval()
     held_x, held_labels = x_all[hold_idx], labels[hold_idx]
     meta = {"members": list(members), "num_classes": ds.num_classes, "input_shape": [c, h, w],

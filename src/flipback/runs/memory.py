@@ -1,0 +1,206 @@
+"""Sizing batches under a memory cap (`--max-memory`), so a large model or image size gives
+smaller batches, or one clear error, never a kernel kill.
+
+The cap is on the memory of the device the attack runs on: the process's resident memory on
+the CPU (and MPS, which shares it), the device's memory on CUDA. The default is 80% of what
+the process could use when the run starts: what it already holds plus what the system (or
+the CUDA device) reports free. A run's batch is then
+
+    min(--batch-size, (cap - memory already in use) // bytes per image)
+
+where the bytes per image are estimated once per run, before any query:
+- the model: the bytes autograd saves for one image's backward pass, measured on the model
+  itself (one forward pass of 1 and one of 2 blank images, not counted as queries; the
+  difference leaves out the weights), times 2 for the gradients and the forward pass's
+  temporaries;
+- the attack: the image-sized tensors its method keeps per image (`STATE_COPIES`, float32
+  copies of the image, measured on `regions` at 224 px: about 30, rounded up).
+Prediction of the data set (forward passes only, no backward) uses the model's part alone.
+If the cap cannot hold one image, the run stops with `MemoryLimitError` before its first batch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import FlipbackError
+
+#: The default cap, as a fraction of the memory the process could use when the run starts.
+DEFAULT_FRACTION = 0.8
+#: Image-sized float32 tensors each method keeps per image (state, bounds, gradients, blurs).
+STATE_COPIES = {"paper": 12, "fast": 16, "minimal": 24, "regions": 40}
+#: The model's saved activations, times this: their gradients and the forward's temporaries.
+AUTOGRAD_FACTOR = 2.0
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+class MemoryLimitError(FlipbackError):
+    """The run cannot fit under its memory cap."""
+
+
+def parse_memory(text: str | int | None) -> int | None:
+    """'8G', '8GiB', '500MB', '1.5g', a plain number of bytes, or 'auto'/None (the default) ->
+    bytes (None for the default). K/M/G/T alone are binary (GiB); kB/MB/GB/TB decimal."""
+    if text is None or isinstance(text, int):
+        return text
+    t = str(text).strip().lower()
+    if t in ("", "auto"):
+        return None
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", t)
+    if not m or m.group(2) not in _UNITS:
+        raise FlipbackError(f"cannot read memory size '{text}'", hint="e.g. --max-memory 8G, 512M or 4GiB")
+    value = int(float(m.group(1)) * _UNITS[m.group(2)])
+    if value <= 0:
+        raise FlipbackError(f"--max-memory must be above 0, got '{text}'")
+    return value
+
+
+def human(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _meminfo(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def resident_memory() -> int:
+    """This process's resident memory now (Linux); its peak elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def system_available() -> int:
+    avail = _meminfo("MemAvailable")
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            avail = 4 * 2**30
+    return avail
+
+
+def in_use(device: torch.device) -> int:
+    """Memory already in use on the device the cap applies to."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return resident_memory()
+
+
+def default_cap(device: torch.device) -> int:
+    """80% of what the process could use: what it holds plus what is free."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(DEFAULT_FRACTION * (free + torch.cuda.memory_allocated(device)))
+    return int(DEFAULT_FRACTION * (resident_memory() + system_available()))
+
+
+def saved_bytes(module: torch.nn.Module, shape_chw, device: torch.device, k: int) -> int | None:
+    """Bytes autograd saves for the input gradient of `module` on k blank images; None where the
+    model fails on them (its first real batch then says why, in the run's own words)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    x = torch.full((k, *shape_chw), 0.5, device=device, requires_grad=True)
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(x)
+    except Exception:  # noqa: BLE001 - a broken model is reported where it is first used
+        return None
+    return sum(seen.values())
+
+
+@dataclass
+class MemoryPlan:
+    cap: int  # bytes
+    in_use: int  # bytes in use when the plan was made
+    model_per_image: int  # bytes: the model's forward + backward for one image
+    per_image: int  # bytes: the model's part and the attack's state
+    batch_size: int  # the explain batch
+    predict_batch_size: int  # the forward-only batch that finds the errors
+
+    def to_dict(self) -> dict:
+        return {"max_memory": self.cap, "in_use": self.in_use, "bytes_per_image": self.per_image,
+                "batch_size": self.batch_size}
+
+
+def estimate_per_image(module: torch.nn.Module | None, method: str, shape_chw, device: torch.device) -> tuple[int, int]:
+    """(model bytes, model + attack bytes) for one image."""
+    c, h, w = shape_chw
+    state = STATE_COPIES.get(method, max(STATE_COPIES.values())) * c * h * w * 4
+    model = 0
+    if module is not None:
+        one = saved_bytes(module, shape_chw, device, 1)
+        two = saved_bytes(module, shape_chw, device, 2) if one is not None else None
+        # Both are measured: the difference is per image (weights saved for backward are not).
+        model = int(AUTOGRAD_FACTOR * max(two - one, 0)) + c * h * w * 4 if two is not None else 0
+    return model, model + state
+
+
+def plan(module: torch.nn.Module | None, method: str, shape_chw, device: torch.device, *,
+         max_memory: str | int | None, batch_size: int, predict_batch_size: int = 500) -> MemoryPlan:
+    """The batch sizes that fit under the cap, or MemoryLimitError if not one image fits."""
+    cap = parse_memory(max_memory)
+    cap = default_cap(device) if cap is None else cap
+    model, per_image = estimate_per_image(module, method, shape_chw, device)
+    used = in_use(device)
+    room = cap - used
+    fits = room // per_image if per_image > 0 else batch_size
+    if fits < 1:
+        c, h, w = shape_chw
+        where = "GPU memory" if device.type == "cuda" else "memory"
+        raise MemoryLimitError(
+            f"the memory cap of {human(cap)} cannot hold one image: {method} on a {c}x{h}x{w} model input needs "
+            f"about {human(per_image)} per image, on top of the {human(used)} of {where} already in use",
+            hint="raise --max-memory (the default is 80% of the memory free when the run starts), or free memory")
+    return MemoryPlan(cap, used, model, per_image, int(max(1, min(batch_size, fits))),
+                      int(max(1, min(predict_batch_size, room // max(model, 1)))))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure that PyTorch raised rather than the kernel killing the process."""
+    if isinstance(exc, MemoryError):
+        return True
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if oom is not None and isinstance(exc, oom):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg.lower())
+
+
+def plan_for_engine(engine, cfg, shape_hwc) -> MemoryPlan:
+    """The plan for a run's engine (runs.engine.Engine) and config (its method, batch size and
+    max_memory): the guide's module is measured on its device. The engine is closed if the run
+    cannot fit."""
+    h, w, c = shape_hwc
+    guide = engine.guide
+    try:
+        return plan(getattr(guide, "module", None), cfg.method, (c, h, w), getattr(guide, "device", torch.device("cpu")),
+                    max_memory=cfg.max_memory, batch_size=cfg.batch_size)
+    except BaseException:
+        engine.close()
+        raise
