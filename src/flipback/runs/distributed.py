@@ -45,12 +45,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import load_dataset
 from ..data.dataset import release_mapped_pages
 from ..errors import DataError, FlipbackError, ModelError, RunError
 from ..store import ImageRecord, RunStore
 from ..targets.answers import BudgetExceeded
 from ..targets.ledger import NO_LIMIT, QueryLedger, as_id_list
+from ..targets.loading import dataset_for_model
 from .errors import Predictions, _top1, to_tensor
 from .progress import progress_bar
 
@@ -264,7 +264,7 @@ class ExplainWorker:
 
         torch.set_num_threads(max(1, int(ray_opts.cpus)))
         self.cfg = cfg
-        self.ds = load_dataset(cfg.data, split=cfg.split)
+        self.ds = dataset_for_model(cfg.model, cfg.data, split=cfg.split, classes=cfg.classes)  # as run_explain
         if self.ds.fingerprint != data_fingerprint:
             raise DataError(f"the data set {cfg.data} differs on node {socket.gethostname()} from the driver's",
                             hint="every node must see the same data at the same path")
@@ -571,7 +571,8 @@ def run_explain_ray(cfg, run_dir: Path, opts: RayOptions, *, show_progress: bool
     if opts.actors is not None and opts.actors < 1:
         raise FlipbackError("--ray-actors must be at least 1")
     t_start = time.perf_counter()
-    ds = load_dataset(cfg.data, split=cfg.split, progress=show_progress)  # memory-mapped: read batch by batch
+    # As run_explain: the model's eval transform and class matching; memory-mapped: read batch by batch.
+    ds = dataset_for_model(cfg.model, cfg.data, split=cfg.split, classes=cfg.classes, progress=show_progress)
     run_dir = Path(run_dir)
     identity = cfg.identity(ds.fingerprint, file_fingerprint(cfg.model) + file_fingerprint(cfg.surrogate or ""))
     started = connect(ray, opts.address)

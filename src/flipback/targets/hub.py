@@ -60,14 +60,20 @@ def hf_input(directory: str) -> HubInput:
     transformers' own image processor, Pillow backend), class names from config.json's id2label."""
     tf = _transformers()
     p = _hf_dir(directory)
-    config = tf.AutoConfig.from_pretrained(p, local_files_only=True)
+    try:  # remote code (auto_map) is refused by transformers itself: trust_remote_code stays off
+        config = tf.AutoConfig.from_pretrained(p, local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot read hf:{directory}/config.json: {type(exc).__name__}: {exc}") from None
     names = [str(config.id2label[i]) for i in range(config.num_labels)] if config.id2label else None
     channels = int(getattr(config, "num_channels", 3))
     if (p / "preprocessor_config.json").is_file():
-        try:  # the Pillow backend: the default one needs torchvision
-            proc = tf.AutoImageProcessor.from_pretrained(p, local_files_only=True, backend="pil")
-        except TypeError:  # transformers 4: no `backend`
-            proc = tf.AutoImageProcessor.from_pretrained(p, local_files_only=True, use_fast=False)
+        try:
+            try:  # the Pillow backend: the default one needs torchvision
+                proc = tf.AutoImageProcessor.from_pretrained(p, local_files_only=True, backend="pil")
+            except TypeError:  # transformers 4: no `backend`
+                proc = tf.AutoImageProcessor.from_pretrained(p, local_files_only=True, use_fast=False)
+        except Exception as exc:
+            raise ModelError(f"cannot read hf:{directory}/preprocessor_config.json: {type(exc).__name__}: {exc}") from None
         d = proc.to_dict()
     else:  # no processor config: the model's own image_size, no crop, ImageNet-style [-1, 1]
         warnings.warn(f"hf:{directory} has no preprocessor_config.json: resizing to the model's image_size, "
