@@ -140,3 +140,9 @@ def test_classes_file(tmp_path):
     with pytest.raises(DataError, match="match none"):
         dataset_for_model("model.onnx", _folder(tmp_path / "x", {"four": [_img(8, 8)]}),
                           classes=str(tmp_path / "names.txt"), cache_dir=tmp_path / "c")
+
+
+def test_numbered_classes_are_the_model_indices(tmp_path):
+    np.savez(tmp_path / "d.npz", images=np.stack([_img(8, 8)] * 3), labels=np.array([0, 2, 1]))
+    ds = match_classes(load_dataset(tmp_path / "d.npz"), ["cat", "dog", "bird", "fish"])
+    assert ds.classes == ["cat", "dog", "bird", "fish"] and ds.labels.tolist() == [0, 2, 1]

@@ -74,7 +74,8 @@ def match_classes(ds: Dataset, model_classes: list[str] | None, *, source: str =
     """The data set with its labels renumbered to the model's classes.
 
     Folders named by ImageNet synsets take the standard 1,000-class order (when the model has
-    1,000 classes or names none). Otherwise, with `model_classes`, each data class must name one
+    1,000 classes or names none). Classes named 0, 1, ... are the model's indices. Otherwise, with
+    `model_classes`, each data class must name one
     of them (exactly, or case-insensitively, or one of a label's comma-separated synonyms);
     names that match nothing raise one DataError that lists them. Without `model_classes`,
     the data set is returned as it is (its classes in sorted folder order)."""
@@ -91,6 +92,9 @@ def match_classes(ds: Dataset, model_classes: list[str] | None, *, source: str =
         return _renumber(ds, [where[n] for n in names], list(model_classes or lemmas), "imagenet-synsets")
     if model_classes is None or names == list(model_classes):
         return ds
+    if names == [str(i) for i in range(len(names))] and len(names) <= len(model_classes):
+        # Numbered classes (a .npz without `classes`, digits) are the model's indices already.
+        return _renumber(ds, list(range(len(names))), list(model_classes), source)
     index = _index(list(model_classes))
     mapping = [index.get(n.strip().lower()) for n in names]
     unknown = [n for n, m in zip(names, mapping) if m is None]
