@@ -89,8 +89,14 @@ def test_arrays_get_the_transform_and_stay_unchanged_when_it_is_a_no_op(tmp_path
     ds = load_dataset(tmp_path / "d.npz")
     same = load_dataset(tmp_path / "d.npz", transform=Preprocess.for_size(28, 28, channels=1))
     assert same.fingerprint == ds.fingerprint
-    big = load_dataset(tmp_path / "d.npz", transform=Preprocess.for_size(40, 40, channels=3))
+    pre = Preprocess.for_size(40, 40, channels=3)
+    big = load_dataset(tmp_path / "d.npz", transform=pre, cache_dir=tmp_path / "c")
     assert big.shape == (40, 40, 3) and big.fingerprint != ds.fingerprint
+    assert isinstance(big.images, np.memmap)  # written to the cache, never all in memory
+    want = np.asarray(pre(Image.fromarray(ds.images[0][..., 0])).convert("RGB"))
+    assert np.array_equal(big.images[0], want)
+    again = load_dataset(tmp_path / "d.npz", transform=pre, cache_dir=tmp_path / "c")
+    assert again.fingerprint == big.fingerprint and np.array_equal(np.asarray(again.images), np.asarray(big.images))
 
 
 def test_zoo_models_give_their_input_size(tmp_path):

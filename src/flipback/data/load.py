@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from flipback.data import idx
-from flipback.data.dataset import Dataset
+from flipback.data import cache, idx
+from flipback.data.dataset import Dataset, release_mapped_pages
 from flipback.data.fingerprint import of_json
 from flipback.data.imagefolder import load_image_folder
 from flipback.data.npz import load_npz
@@ -50,13 +50,13 @@ def load_dataset(path: str | os.PathLike, *, split: str = "test", cache_dir=None
             raise DataError(f"{p.name} is a labels file", hint="give the images file or the folder holding both")
         else:
             raise DataError(f"unknown data set format: {p.name}", hint=f"give {_FORMATS}")
-        return _transformed(ds, transform) if transform is not None else _resized(ds, size)
+        return _transformed(ds, transform, cache_dir) if transform is not None else _resized(ds, size)
     if not p.is_dir():
         raise DataError(f"{p} is neither a file nor a folder", hint=f"give {_FORMATS}")
     images_file = idx.find_images(p, split)
     if images_file is not None:
         ds = idx.load_idx(images_file)
-        ds = _transformed(ds, transform) if transform is not None else _resized(ds, size)
+        ds = _transformed(ds, transform, cache_dir) if transform is not None else _resized(ds, size)
         ds.source = str(p)
         return ds
     return load_image_folder(_split_folder(p, split), cache_dir=cache_dir, workers=workers,
@@ -138,18 +138,42 @@ def _resized(ds: Dataset, size: tuple[int, int] | None) -> Dataset:
     return Dataset(out, ds.labels, ds.classes, ds.names, skipped=ds.skipped, source=ds.source, fingerprint=fp)
 
 
-def _transformed(ds: Dataset, transform: Preprocess) -> Dataset:
-    """Array formats: the model's eval transform on every image (unchanged when it is a no-op)."""
+def _transformed(ds: Dataset, transform: Preprocess, cache_dir=None) -> Dataset:
+    """Array formats: the model's eval transform on every image (unchanged when it is a no-op),
+    written chunk by chunk into a memory-mapped cache entry, as image folders are: 10,000
+    images at 224 px are 1.5 GB, which must not sit in memory."""
     h, w, c = ds.shape
     # Gray images become RGB for a colour model (exact); colour ones are never made gray (lossy):
     # the model's input check then says what is wrong.
     channels = 3 if transform.channels == 3 else c
     if transform.is_identity(w, h) and channels == c:
         return ds
-    out = np.empty((len(ds), transform.height, transform.width, channels), dtype=np.uint8)
-    for i, img in enumerate(ds.images):
-        im = transform(Image.fromarray(img[..., 0] if c == 1 else img))
-        im = im.convert("L" if channels == 1 else "RGB")
-        out[i] = np.asarray(im).reshape(transform.height, transform.width, channels)
-    fp = of_json({"parent": ds.fingerprint, "preprocess": transform.key()})
-    return Dataset(out, ds.labels, ds.classes, ds.names, skipped=ds.skipped, source=ds.source, fingerprint=fp)
+    fp = of_json({"parent": ds.fingerprint, "preprocess": transform.key(), "cache_version": cache.CACHE_VERSION})
+    root = cache.resolve_cache_dir(cache_dir)
+    hit = cache.read_entry(root, fp)
+    if hit is None:
+        try:
+            staging = cache.Staging(root, fp)
+        except OSError as e:
+            raise DataError(f"cannot write the image cache to {root}: {e}",
+                            hint="set FLIPBACK_CACHE to a writable folder") from None
+        try:
+            out = staging.open_images((len(ds), transform.height, transform.width, channels))
+            for i, img in enumerate(ds.images):
+                im = transform(Image.fromarray(img[..., 0] if c == 1 else img))
+                im = im.convert("L" if channels == 1 else "RGB")
+                out[i] = np.asarray(im).reshape(transform.height, transform.width, channels)
+                if i % 1024 == 1023:
+                    out.flush()
+                    release_mapped_pages(out)
+            out.flush()
+            del out  # close the writable map before renaming its folder
+            staging.commit(ds.labels, ds.classes, ds.names, ds.skipped)
+        except BaseException:
+            staging.discard()
+            raise
+        hit = cache.read_entry(root, fp)
+        if hit is None:
+            raise DataError(f"the image cache in {root} could not be read back", hint="set FLIPBACK_CACHE to another folder")
+    return Dataset(hit["images"], hit["labels"], hit["classes"], hit["names"], skipped=ds.skipped,
+                   source=ds.source, fingerprint=fp)
