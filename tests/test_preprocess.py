@@ -52,7 +52,8 @@ def test_matches_hugging_face_processors_on_pillow():
     img = Image.fromarray(_img(90, 130))
     procs = [("ViTImageProcessorPil", dict(size={"height": 40, "width": 48}, resample=3)),
              ("BitImageProcessorPil", dict(size={"shortest_edge": 56}, crop_size={"height": 48, "width": 48})),
-             ("ConvNextImageProcessorPil", dict(size={"shortest_edge": 48}, crop_pct=0.875, resample=2))]
+             ("ConvNextImageProcessorPil", dict(size={"shortest_edge": 48}, crop_pct=0.875, resample=2)),
+             ("ConvNextImageProcessorPil", dict(size={"shortest_edge": 384}, crop_pct=0.875, resample=3))]
     for name, kwargs in procs:
         if not hasattr(tf, name):
             pytest.skip(f"this transformers has no {name}")

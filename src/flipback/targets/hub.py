@@ -106,6 +106,8 @@ def _hf_preprocess(d: dict, channels: int, directory: str):
         edge = int(size["shortest_edge"])
         if d.get("crop_pct") and edge < 384:  # ConvNeXt's recipe: scale up by 1/crop_pct, crop edge x edge
             resize, out = int(edge / float(d["crop_pct"])), crop or (edge, edge)
+        elif d.get("crop_pct"):  # ConvNeXt at 384 and up: straight to edge x edge, no crop
+            resize, out = (edge, edge), (edge, edge)
         else:
             resize, out = edge, crop or (edge, edge)
     else:
