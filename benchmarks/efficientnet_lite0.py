@@ -18,6 +18,10 @@ torch.export archive that flipback loads with `--model FILE.pt2` (no network, no
   the class folders. ImageNet-1k has no deer: the deer class takes three deer-like antelopes
   (hartebeest, impala, gazelle). Pickup trucks are in neither class, as in CIFAR-10's own
   definition of automobile and truck.
+- `--log-mean-exp` subtracts log(group size) from each class's log-sum-exp: the mean of its
+  ImageNet probabilities instead of their sum, so that dog's 118 indices do not outweigh cat's
+  5. On the first 50 test images of each class (500), plain log-sum-exp gives 39.0% accuracy
+  (dog 100%, cat 8%, automobile 8%), log-mean-exp 56.8%, the max 46.8%.
 - `--imagenet` also writes `lite0_imagenet.pt2`, the plain 1,000-class model (for ImageNet
   synset folders, whose classes flipback maps to the standard order).
 """
@@ -78,13 +82,14 @@ class Pixels(nn.Module):
 class Cifar10(nn.Module):
     """The 1,000 ImageNet logits as 10 CIFAR-10 logits: log-sum-exp over each class's indices."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, log_mean_exp: bool = False):
         super().__init__()
         self.net = net
         groups = list(CIFAR10_FROM_IMAGENET.values())
         mask = torch.full((len(groups), 1000), float("-inf"))
         for k, idx in enumerate(groups):
-            mask[k, idx] = 0.0
+            # -log(n) on every member: log-sum-exp becomes log-mean-exp.
+            mask[k, idx] = -torch.log(torch.tensor(float(len(idx)))) if log_mean_exp else 0.0
         self.register_buffer("mask", mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,11 +113,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("runs/lite0"))
     ap.add_argument("--imagenet", action="store_true", help="also write the 1,000-class lite0_imagenet.pt2")
+    ap.add_argument("--log-mean-exp", action="store_true", help="each class's mean ImageNet probability, not the sum")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     assert len(set(sum(CIFAR10_FROM_IMAGENET.values(), []))) == sum(map(len, CIFAR10_FROM_IMAGENET.values()))
     net = Pixels(lite0())
-    print(export(Cifar10(net), args.out / "lite0_cifar10.pt2"))
+    name = "lite0_cifar10_mean.pt2" if args.log_mean_exp else "lite0_cifar10.pt2"
+    print(export(Cifar10(net, args.log_mean_exp), args.out / name))
     if args.imagenet:
         print(export(net, args.out / "lite0_imagenet.pt2"))
 
