@@ -165,7 +165,8 @@ def test_a_moderate_cap_gives_smaller_batches_and_the_same_records(tiny, tmp_pat
     monkeypatch.setattr(memory, "in_use", lambda device: 100 * 2**20)
     _, per_image = memory.estimate_per_image(SmallCNN(10), "minimal", (1, 28, 28), torch.device("cpu"))
     logs = []
-    run_explain(ExplainConfig(**kw, max_memory=str(100 * 2**20 + int(3.5 * per_image))), tmp_path / "capped",
+    cap = 100 * 2**20 + memory.RESERVE + int(3.5 * per_image)
+    run_explain(ExplainConfig(**kw, max_memory=str(cap)), tmp_path / "capped",
                 show_progress=False, log=logs.append)
     assert any(m.startswith("memory: batches of 3 images") for m in logs), logs
     rows = [sqlite3.connect(tmp_path / run / "results.sqlite").execute(

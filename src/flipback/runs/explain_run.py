@@ -356,8 +356,8 @@ def run_explain(cfg: ExplainConfig, run_dir: Path, *, show_progress: bool = True
     engine = build_engine(cfg, ds.num_classes, ds.shape)
     mem = plan_for_engine(engine, cfg, ds.shape)  # batch sizes under --max-memory, before any work
     if mem.batch_size < cfg.batch_size:
-        log(f"memory: batches of {mem.batch_size} images (about {human(mem.per_image)} each, "
-            f"under a cap of {human(mem.cap)})")
+        log(f"memory: batches of {mem.batch_size} images (about {human(mem.per_image)} each, with "
+            f"{human(mem.in_use)} in use, under a cap of {human(mem.cap)})")
     run_dir = Path(run_dir)
     identity = cfg.identity(ds.fingerprint, file_fingerprint(cfg.model) + file_fingerprint(cfg.surrogate or ""))
     with engine, RunStore.open(run_dir, identity, resume=resume) as store:

@@ -6,7 +6,7 @@ the CPU (and MPS, which shares it), the device's memory on CUDA. The default is 
 the process could use when the run starts: what it already holds plus what the system (or
 the CUDA device) reports free. A run's batch is then
 
-    min(--batch-size, (cap - memory already in use) // bytes per image)
+    min(--batch-size, (cap - memory already in use - RESERVE) // bytes per image)
 
 where the bytes per image are estimated once per run, before any query:
 - the model: the bytes autograd saves for one image's backward pass, measured on the model
@@ -15,6 +15,7 @@ where the bytes per image are estimated once per run, before any query:
   temporaries;
 - the attack: the image-sized tensors its method keeps per image (`STATE_COPIES`, float32
   copies of the image, measured on `regions` at 224 px: about 30, rounded up).
+RESERVE (256 MiB, on the CPU and MPS only) is kept for what a run loads after the plan.
 Prediction of the data set (forward passes only, no backward) uses the model's part alone.
 If the cap cannot hold one image, the run stops with `MemoryLimitError` before its first batch.
 """
@@ -35,6 +36,10 @@ DEFAULT_FRACTION = 0.8
 STATE_COPIES = {"paper": 12, "fast": 16, "minimal": 24, "regions": 40}
 #: The model's saved activations, times this: their gradients and the forward's temporaries.
 AUTOGRAD_FACTOR = 2.0
+#: Kept free of batches on the CPU (and MPS): what a run loads after the plan (SciPy,
+#: scikit-image, Pillow, the report's matplotlib) and the allocator's slack. Measured: a
+#: 224-px run with batches of 1 peaked about 180 MiB above the memory in use at its plan.
+RESERVE = 256 * 2**20
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -168,14 +173,16 @@ def plan(module: torch.nn.Module | None, method: str, shape_chw, device: torch.d
     cap = default_cap(device) if cap is None else cap
     model, per_image = estimate_per_image(module, method, shape_chw, device)
     used = in_use(device)
-    room = cap - used
+    reserve = 0 if device.type == "cuda" else RESERVE  # libraries live in RAM, not on the GPU
+    room = cap - used - reserve
     fits = room // per_image if per_image > 0 else batch_size
     if fits < 1:
         c, h, w = shape_chw
         where = "GPU memory" if device.type == "cuda" else "memory"
         raise MemoryLimitError(
             f"the memory cap of {human(cap)} cannot hold one image: {method} on a {c}x{h}x{w} model input needs "
-            f"about {human(per_image)} per image, on top of the {human(used)} of {where} already in use",
+            f"about {human(per_image)} per image, on top of the {human(used)} of {where} already in use"
+            + (f" and {human(reserve)} kept for the libraries a run loads later" if reserve else ""),
             hint="raise --max-memory (the default is 80% of the memory free when the run starts), or free memory")
     return MemoryPlan(cap, used, model, per_image, int(max(1, min(batch_size, fits))),
                       int(max(1, min(predict_batch_size, room // max(model, 1)))))
