@@ -459,7 +459,9 @@ def test_cifar10_subset_ray_run_is_identical_to_the_local_run(mode, cluster, cif
     assert _files(tmp_path / "ray") == _files(tmp_path / "local")
     assert _config(tmp_path / "ray") == _config(tmp_path / "local")  # either resumes the other
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
-    assert summary["ray"]["nodes"] == 2 and summary["ray"]["actors"] == 2
+    # Both actors were asked for; on a busy machine one may finish every batch before the other
+    # has loaded its model (the kill tests below are the ones that need work on both nodes).
+    assert summary["ray"]["actors"] == 2 and summary["ray"]["nodes"] in (1, 2) and summary["ray"]["batch_size"] == 8
     assert summary["ray"]["actors_write_run_folder"]
     local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
     for key in ("n_images", "accuracy", "n_misclassified", "n_corrected", "mean_queries", "median_l2", "confusion"):
@@ -475,6 +477,12 @@ def test_bench_runs_on_ray_too(cluster, small, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["methods"]["fast"]["n_explained"] == 6
     assert summary["methods"]["fast"]["ray"]["actors"] == 2
+
+
+def test_the_actors_keep_to_the_memory_cap(cluster, small, tmp_path):
+    """--max-memory holds in each actor as in a local run: here not one image fits, one clear error."""
+    r = _run(_small_command("white-box", small, tmp_path / "run", "--ray", cluster.address, "--max-memory", "1K"))
+    assert r.returncode != 0 and "cannot hold one image" in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------------------------- last: a node dies

@@ -171,6 +171,30 @@ def test_the_ray_help_names_the_extra(command):
     assert "pipinstall'flipback[ray]'" in text, r.output
 
 
+def test_a_refused_connection_to_an_address_names_token_authentication(monkeypatch):
+    """Ray 2.60 sends its token to an explicit HOST:PORT only with RAY_AUTH_MODE=token, and a
+    cluster with token authentication then refuses with a bare 'Failed to connect'."""
+    from flipback.errors import RunError
+    from flipback.runs import distributed
+
+    class RefusingRay:
+        def is_initialized(self):
+            return False
+
+        def init(self, **kw):
+            raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1")
+
+    monkeypatch.setattr(distributed, "_probe", lambda address: None)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    with pytest.raises(RunError) as exc:
+        distributed.connect(RefusingRay(), "127.0.0.1:1")
+    assert "cannot connect" in exc.value.message and "RAY_AUTH_MODE=token" in exc.value.hint
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(RunError) as exc:
+        distributed.connect(RefusingRay(), "127.0.0.1:1")
+    assert "RAY_AUTH_MODE" not in exc.value.hint
+
+
 @pytest.mark.parametrize("bad", [dict(total_budget=-1), dict(rate_limit=0)])
 def test_bad_limits_are_refused(bad):
     with pytest.raises(ValueError):

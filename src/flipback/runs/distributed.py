@@ -269,6 +269,7 @@ class ExplainWorker:
             raise DataError(f"the data set {cfg.data} differs on node {socket.gethostname()} from the driver's",
                             hint="every node must see the same data at the same path")
         self.engine = build_engine(cfg, self.ds.num_classes, self.ds.shape)
+        self.mem = self._memory_plan(cfg, ray_opts)
         self.accountant = _ActorClient(accountant) if accountant is not None and not isinstance(
             accountant, QueryAccountant) else accountant
         self.ledger = None
@@ -283,11 +284,34 @@ class ExplainWorker:
             self.shared = False
         return self.where()
 
+    def _memory_plan(self, cfg, ray_opts: RayOptions):
+        """Batch sizes under the memory cap, as run_explain sizes them: --max-memory is each
+        actor's; the default (80% of what is free) is shared by the actors the node can hold."""
+        from dataclasses import replace
+
+        import ray
+
+        from .memory import default_cap, plan_for_engine
+
+        if cfg.max_memory is None:
+            here = ray.get_runtime_context().get_node_id()
+            res = next((n.get("Resources", {}) for n in ray.nodes() if n.get("NodeID") == here), {})
+            share = int(res.get("CPU", 1) // ray_opts.cpus) if ray_opts.cpus > 0 else 1
+            if ray_opts.gpus > 0:
+                share = min(share, max(1, int(round(1 / ray_opts.gpus))))  # actors on one GPU
+            device = getattr(self.engine.guide, "device", None)
+            import torch
+
+            cap = default_cap(device if isinstance(device, torch.device) else torch.device("cpu"))
+            cfg = replace(cfg, max_memory=cap // max(1, share))
+        return plan_for_engine(self.engine, cfg, self.ds.shape)
+
     def where(self) -> dict:
         import ray
 
         return {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
-                "writes_run_folder": self.shared}
+                "writes_run_folder": self.shared, "batch_size": self.mem.batch_size,
+                "predict_batch_size": self.mem.predict_batch_size, "max_memory": self.mem.cap}
 
     def predict(self, start: int, stop: int):
         """Top-1 of images start..stop, in predict_dataset's batches -> (start, top, {index: why})."""
@@ -295,7 +319,7 @@ class ExplainWorker:
 
         tops, failed = [], {}
         with _stop_cleanly_when_unavailable():
-            for idx, images in self.ds.batches(PREDICT_BATCH, np.arange(start, stop)):
+            for idx, images in self.ds.batches(min(PREDICT_BATCH, self.mem.predict_batch_size), np.arange(start, stop)):
                 top, reasons = _top1(self.engine.scores, to_tensor(images))
                 tops.append(top)
                 failed.update({int(i): r for i, r in zip(idx, reasons) if r is not None})
@@ -378,8 +402,13 @@ def connect(ray, address: str) -> bool:
             ray.init(address=address, **kw)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise RunError(f"cannot connect to the Ray cluster at '{address}' ({first})",
-                       hint="start one with `ray start --head`, pass its HOST:PORT, or use --ray local") from None
+        hint = "start one with `ray start --head`, pass its HOST:PORT, or use --ray local"
+        if address not in ("auto", "local") and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            # Ray 2.60 sends its token to an address given explicitly only when told to.
+            hint = ("if the cluster uses token authentication (`ray start --head` turns it on when "
+                    "~/.ray/auth_token exists), set RAY_AUTH_MODE=token, with its token in ~/.ray/auth_token or "
+                    "RAY_AUTH_TOKEN; otherwise " + hint)
+        raise RunError(f"cannot connect to the Ray cluster at '{address}' ({first})", hint=hint) from None
     return True
 
 
@@ -610,8 +639,11 @@ def run_explain_ray(cfg, run_dir: Path, opts: RayOptions, *, show_progress: bool
             if done:
                 log(f"resuming: {len(done)} of {len(todo_all)} errors already explained")
             again = {**store.unfinished(), **store.to_retry()}
-            batches = [(start // cfg.batch_size, todo[start:start + cfg.batch_size])
-                       for start in range(0, len(todo), cfg.batch_size)]
+            # The batch run_explain would use: --batch-size, or less where an actor's memory is short.
+            size = min([cfg.batch_size] + [w["batch_size"] for w in pool.where.values()])
+            if size < cfg.batch_size:
+                log(f"memory: batches of {size} images (the actors' memory caps)")
+            batches = [(start // size, todo[start:start + size]) for start in range(0, len(todo), size)]
             stop: list = []
             timing = {"store_seconds": 0.0, "files_seconds": 0.0}
 
@@ -666,7 +698,7 @@ def run_explain_ray(cfg, run_dir: Path, opts: RayOptions, *, show_progress: bool
             summary["ray"] = {
                 "address": opts.address, "nodes": len({w["node"] for w in pool.where.values()}),
                 "actors": n_actors, "cpus_per_actor": opts.cpus, "gpus_per_actor": opts.gpus,
-                "actors_lost": pool.failures, "batches": len(batches),
+                "actors_lost": pool.failures, "batches": len(batches), "batch_size": size,
                 "batches_retried": len(pool.lost_attempts),
                 "actors_write_run_folder": all(w["writes_run_folder"] for w in pool.where.values()),
                 "explain_wall_seconds": round(explain_wall, 3),
