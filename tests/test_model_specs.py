@@ -177,3 +177,19 @@ def test_timm_architecture_with_local_weights(tmp_path, fmt):
     mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(x), ref((x - mean) / std))
+
+
+def test_api_takes_an_hf_models_own_class_count_when_labels_use_fewer(vit_dir):
+    """Labels 0 and 1 only, of a 3-class model: the API must not build a 2-class target."""
+    from flipback import api
+    d, ref = vit_dir
+    torch.manual_seed(1)
+    x = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        pred = ref(pixel_values=(x - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1))
+                   / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)).logits.argmax(1)
+    labels = (pred + 1) % 2  # every image wrong or right by design; only classes 0 and 1 named
+    out = api.explain(f"hf:{d}", x, labels.numpy(), method="fast", device="cpu")
+    wrong = int((pred != labels).sum())
+    assert len(out) == wrong
+    assert all(0 <= c.predicted < 3 for c in out)

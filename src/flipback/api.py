@@ -96,6 +96,9 @@ def explain(model, images, labels, *, method: str = "minimal", pixels: str = "ui
     y = torch.as_tensor(np.asarray(labels)).long()
     k = num_classes or (len(class_names) if class_names else None)
     if isinstance(model, str):
+        if not k and model.startswith("hf:"):  # the model knows its classes: labels are its indices
+            from .targets.hub import hf_input
+            k = hf_input(model[len("hf:"):]).num_classes
         model = load_model(model, k or int(y.max()) + 1).module
     if not k:
         with torch.no_grad():
