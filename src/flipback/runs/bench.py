@@ -8,6 +8,7 @@ keys of the `paper` method (the reproduction), or of the first method run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -27,14 +28,14 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
               pixels: str = "uint8", limit: int | None = None, figures: bool = False, batch_size: int = 256,
               surrogate: str | None = None, surrogate_data: str | None = None, surrogate_budget: int = 10000,
               output: str = "scores", show_progress: bool = True, log=print, ray=None, device: str = "auto",
-              max_memory: str | None = None) -> dict:
+              max_memory: str | None = None, surrogate_init: str | None = None) -> dict:
     out_dir = Path(out_dir)
     resolve_device(device)  # a device that is not there: one clear error before any work
     if methods is None:
         methods = ["paper", "fast", "minimal"] if mode == "white-box" else ["paper", "fast"]
     if mode == "black-box" and surrogate is None:
         surrogate = str(_bench_surrogate(model, surrogate_data, surrogate_budget, output, out_dir, show_progress, log,
-                                         device=device))
+                                         device=device, init=surrogate_init))
     results = {}
     for method in methods:
         cfg = ExplainConfig(model=model, data=data, mode=mode, method=method, pixels=pixels, limit=limit,
@@ -52,17 +53,19 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
 
 
 def _bench_surrogate(model, surrogate_data, budget, output, out_dir: Path, show_progress, log,
-                     allow_test_data: bool = False, device: str = "auto") -> Path:
-    """Train the bench's surrogate once; a re-run (resume) reuses the one in the folder."""
+                     allow_test_data: bool = False, device: str = "auto", init: str | None = None) -> Path:
+    """Train the bench's surrogate once; a re-run (resume) reuses the one in the folder (one
+    file per --surrogate-init SPEC)."""
     from .surrogate_run import run_surrogate
 
     if not surrogate_data:
         raise FlipbackError("a black-box bench needs --surrogate-data (or --surrogate FILE)",
                             hint="e.g. --surrogate-data cifar10/train --surrogate-budget 10000")
-    path = out_dir / f"surrogate-{output}-{budget}.th"
+    tag = f"-init-{hashlib.sha256(init.encode()).hexdigest()[:8]}" if init else ""
+    path = out_dir / f"surrogate-{output}-{budget}{tag}.th"
     if path.is_file():
         log(f"using the bench's surrogate {path}")
         return path
     run_surrogate(target=model, data=surrogate_data, budget=budget, out=path, output=output,
-                  allow_test_data=allow_test_data, device=device, show_progress=show_progress, log=log)
+                  allow_test_data=allow_test_data, device=device, show_progress=show_progress, log=log, init=init)
     return path

@@ -89,7 +89,7 @@ def build_engine(cfg, num_classes: int, shape_hwc: tuple[int, int, int]) -> Engi
     if not cfg.surrogate:
         raise FlipbackError("black-box mode needs a surrogate", hint="train one with `flipback surrogate`, "
                             "then pass --surrogate FILE")
-    surrogate = load_surrogate(cfg.surrogate)
+    surrogate = load_surrogate(cfg.surrogate, trust_model=cfg.trust_model)  # a python: --init runs code
     check_input_shape(surrogate.meta["input_shape"], "the surrogate", shape_hwc)
     if surrogate.meta["num_classes"] != num_classes:
         raise ModelError(f"the surrogate has {surrogate.meta['num_classes']} classes, the data set {num_classes}")

@@ -5,24 +5,32 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..data import load_dataset, split_of
+from ..data import split_of
 from ..errors import DataError
 from ..targets.device import resolve_device
-from ..targets.surrogate import DEFAULT_MEMBERS, parse_members, save_surrogate, train_surrogate
+from ..targets.loading import dataset_for_model
+from ..targets.surrogate import parse_members, save_surrogate, train_surrogate
 from .progress import progress_bar
 
 
 def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str = "train", output: str = "scores",
-                  epochs: int = 30, members=DEFAULT_MEMBERS, seed: int = 0, flip: bool = True, mean=None, std=None,
-                  allow_test_data: bool = False, device: str = "auto", show_progress: bool = True, log=print) -> dict:
+                  epochs: int = 30, members=None, seed: int = 0, flip: bool = True, mean=None, std=None,
+                  allow_test_data: bool = False, device: str = "auto", show_progress: bool = True, log=print,
+                  init: str | None = None, classes: str | None = None) -> dict:
     """Train a surrogate of `target` on `data` and save it to `out`; returns its metadata.
+
+    The data is decoded as explain decodes it (dataset_for_model): with the target's eval
+    transform when flipback can read one from its SPEC (hf:, timm:, .pt2, zoo), its classes
+    matched to the target's (or to `classes`, a file). `members` None: the default members, or
+    with `init` (a pretrained model's SPEC, at no query cost) that model alone; see
+    targets/surrogate.py.
 
     Test (or validation) data is refused unless `allow_test_data`: a surrogate trained on the
     images it will later explain has seen the target's answers on them, which flatters the
     black-box results. The split is recorded in the file's metadata either way."""
     from ..targets.blackbox import load_blackbox
 
-    members = parse_members(members)  # a bad name fails before any query
+    members = parse_members(members, init)  # a bad name fails before any query
     dev = resolve_device(device)  # so does a device that is not there
     kind, why = split_of(data, split)  # before any decoding or query
     if kind == "test" and not allow_test_data:
@@ -32,7 +40,7 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
                              "--allow-test-data to use these anyway")
     if kind == "test":
         log(f"warning: training the surrogate on test data ({why}), as --allow-test-data asks")
-    ds = load_dataset(data, split=split, progress=show_progress)
+    ds = dataset_for_model(target, data, split=split, classes=classes, progress=show_progress)
     h, w, c = ds.shape
     t0 = time.perf_counter()
     with load_blackbox(target, ds.num_classes, output=output, budget=budget, mean=mean, std=std,
@@ -42,7 +50,7 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
                 progress_bar("training the surrogate", total=epochs * len(members), enabled=show_progress,
                              unit="epoch") as t_adv:
             surrogate = train_surrogate(bb, ds, budget, members=members, epochs=epochs, seed=seed, flip=flip,
-                                        target_spec=target, device=dev,
+                                        target_spec=target, device=dev, init=init,
                                         progress=lambda stage, k: (q_adv if stage == "query" else t_adv)(k))
         surrogate.meta["queries"] = int(bb.queries)  # the accounting layer's exact count
     surrogate.meta["split"] = kind  # "train", "test" (allowed) or "unknown"

@@ -5,6 +5,11 @@ budget. A surrogate starts from random weights and learns the target's soft answ
 (probabilities) when the target returns scores, or its top-1 labels otherwise. Random
 crops and flips reuse the answer of the image they came from, so they cost no query.
 A held-out part of the queried images measures how often surrogate and target agree.
+Training reads each batch from the data set's (memory-mapped uint8) images, so the queried
+images never sit in memory as one float tensor (10,000 at 224 px would be 6 GB).
+
+With `init` (`--init SPEC`), one member starts from a pretrained model that the user supplies
+(any white-box SPEC that `load_model` reads), at no query cost: see `build_init`.
 
 A surrogate is an ensemble: several members, trained on the same answers, whose logits are
 averaged. Changes that fool several differently built models transfer to the target far
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import Dataset
@@ -34,6 +40,10 @@ SURROGATE_MEAN, SURROGATE_STD = 0.5, 0.25
 DEFAULT_MEMBERS = ("resnet20", "cnn32", "cnn32")
 MEMBER_HELP = "cnnW (VGG-style CNN, first-layer width W) or resnetD (CIFAR ResNet of depth D = 6n+2)"
 MEMBER_NAME = re.compile(r"(cnn|resnet)(\d+)")
+INIT_MEMBER = "init"  # the member started from --init SPEC
+# The pretrained part of an --init member learns at this share of the learning rate (a new
+# head, when one is added, at the full rate).
+INIT_LR_SCALE = 0.1
 
 
 @dataclass
@@ -60,12 +70,27 @@ class SurrogateEnsemble(torch.nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(0)
 
 
-def parse_members(text) -> tuple[str, ...]:
-    """"resnet20,cnn32" (or a sequence of names) -> ("resnet20", "cnn32"), checked."""
+def parse_members(text, init: str | None = None) -> tuple[str, ...]:
+    """"resnet20,cnn32" (or a sequence of names) -> ("resnet20", "cnn32"), checked.
+
+    With `init` (a pretrained model's SPEC), the member `init` is that model: None gives it
+    alone, and it is put first when the names leave it out. None without `init`: the default
+    members."""
+    if text is None:
+        text = (INIT_MEMBER,) if init else DEFAULT_MEMBERS
     names = tuple(n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip())
+    if init and INIT_MEMBER not in names:
+        names = (INIT_MEMBER,) + names
     if not names:
         raise FlipbackError("a surrogate needs at least one member", hint=f"members: {MEMBER_HELP}")
     for name in names:
+        if name == INIT_MEMBER:
+            if not init:
+                raise FlipbackError("the surrogate member 'init' needs a pretrained model",
+                                    hint="give it with --init SPEC")
+            if names.count(INIT_MEMBER) > 1:
+                raise FlipbackError("the surrogate member 'init' can be named only once")
+            continue
         m = MEMBER_NAME.fullmatch(name)
         size = int(m[2]) if m else 0
         if not m or not (size >= 4 if m[1] == "cnn" else size >= 8 and (size - 2) % 6 == 0):
@@ -73,7 +98,111 @@ def parse_members(text) -> tuple[str, ...]:
     return names
 
 
-def build_member(name: str, num_classes: int, in_channels: int) -> Normalized:
+class Headed(nn.Module):
+    """A pretrained model whose output count is not the target's class count, with a new
+    linear layer from its outputs (its logits) to the target's classes."""
+
+    def __init__(self, body: nn.Module, outputs: int, num_classes: int):
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(outputs, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def absolute_spec(spec: str) -> str:
+    """SPEC with its file or folder made absolute, so that a saved surrogate loads from anywhere."""
+    from .loading import EXPORT_SUFFIXES, TORCHSCRIPT_SUFFIXES
+    from .zoo import ZOO
+
+    def resolved(p: str) -> str:
+        return str(Path(p).expanduser().resolve())
+
+    if spec.startswith("hf:"):
+        return "hf:" + resolved(spec[3:])
+    if spec.startswith("timm:"):
+        name, sep, weights = spec[5:].partition(":")
+        return f"timm:{name}:{resolved(weights)}" if sep and weights else spec
+    if spec.startswith("python:"):
+        module, sep, factory = spec[7:].rpartition(":")
+        return f"python:{resolved(module)}:{factory}" if sep and module.endswith(".py") else spec
+    if spec.endswith(EXPORT_SUFFIXES):
+        return resolved(spec)
+    arch, sep, weights = spec.partition(":")
+    if sep and arch in ZOO and weights:
+        return f"{arch}:{resolved(weights)}"
+    if spec.endswith(TORCHSCRIPT_SUFFIXES):
+        return resolved(spec)
+    return spec
+
+
+def _init_class_count(spec: str, num_classes: int) -> int:
+    """The class count to build the pretrained model with: its own where its loader checks it
+    (hf: id2label; timm: its classifier's rows in the weights file; a zoo ARCH:WEIGHTS
+    checkpoint's last weight matrix), else the data set's."""
+    from .loading import _state_dict, load_checkpoint
+    from .zoo import ZOO
+
+    if spec.startswith("hf:"):
+        from .hub import hf_input
+
+        return hf_input(spec[3:]).num_classes or num_classes
+    if spec.startswith("timm:"):  # timm's pretrained config names the classifier (untested here: no timm)
+        from .hub import _timm_model
+        from .loading import _timm_spec
+
+        name, weights = _timm_spec(spec)
+        if weights is None or not weights.is_file():
+            return num_classes
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(weights))
+        else:
+            sd = _state_dict(load_checkpoint(weights))
+        key = (getattr(_timm_model(name), "pretrained_cfg", None) or {}).get("classifier")
+        w = sd.get(f"{key}.weight") if isinstance(key, str) else None
+        return int(w.shape[0]) if w is not None and w.ndim == 2 else num_classes
+    arch, sep, weights = spec.partition(":")
+    if sep and arch in ZOO and weights and not spec.endswith(".pt2"):
+        mats = [v for v in _state_dict(load_checkpoint(Path(weights))).values() if v.ndim == 2]
+        if mats:
+            return int(mats[-1].shape[0])
+    return num_classes
+
+
+def build_init(spec: str, num_classes: int, input_shape, *, trust_code: bool = True) -> nn.Module:
+    """The pretrained model of SPEC as a surrogate member: it takes [0,1] pixels (its own
+    normalization inside, as load_model gives it) and returns `num_classes` logits. When its
+    output count differs, a new `nn.Linear(outputs, num_classes)` goes on top of its outputs
+    (`Headed`); its own classifier is kept. `trust_code=False` refuses `python:` specs (a
+    surrogate file naming code to import)."""
+    from .loading import load_model
+
+    if spec.startswith("python:") and not trust_code:
+        raise ModelError(f"the surrogate starts from {spec}, which imports and runs that Python code",
+                         hint="pass --trust-model (trust_model=True) if you trust the surrogate file")
+    net = load_model(spec, _init_class_count(spec, num_classes)).module
+    c, h, w = input_shape
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(1, c, h, w))
+    except Exception as exc:
+        raise ModelError(f"the --init model {spec} fails on a {c}x{h}x{w} image: {type(exc).__name__}: {exc}",
+                         hint="it must take the data set's images (after the target's eval transform)") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ModelError(f"the --init model {spec} returns {getattr(out, 'shape', type(out).__name__)}, "
+                         "not (batch, outputs) logits")
+    outputs = int(out.shape[1])
+    return net if outputs == num_classes else Headed(net, outputs, num_classes)
+
+
+def build_member(name: str, num_classes: int, in_channels: int, *, init: str | None = None,
+                 input_shape=None, trust_code: bool = True) -> nn.Module:
+    if name == INIT_MEMBER:
+        return build_init(init, num_classes, input_shape, trust_code=trust_code)
     kind, size = MEMBER_NAME.fullmatch(name).groups()
     net = (SurrogateCNN(num_classes, in_channels, int(size)) if kind == "cnn"
            else CifarResNet(int(size), num_classes, in_channels))
@@ -81,9 +210,11 @@ def build_member(name: str, num_classes: int, in_channels: int) -> Normalized:
     return Normalized(net, (SURROGATE_MEAN,) * c, (SURROGATE_STD,) * c)
 
 
-def build_surrogate(num_classes: int, in_channels: int, members=DEFAULT_MEMBERS) -> torch.nn.Module:
+def build_surrogate(num_classes: int, in_channels: int, members=DEFAULT_MEMBERS, *, init: str | None = None,
+                    input_shape=None, trust_code: bool = True) -> torch.nn.Module:
     """One member alone, or the ensemble of several."""
-    built = [build_member(name, num_classes, in_channels) for name in parse_members(members)]
+    built = [build_member(name, num_classes, in_channels, init=init, input_shape=input_shape, trust_code=trust_code)
+             for name in parse_members(members, init)]
     return built[0] if len(built) == 1 else SurrogateEnsemble(built)
 
 
@@ -124,16 +255,44 @@ def query_answers(target, ds: Dataset, indices: np.ndarray, *, batch_size: int =
     return (torch.cat(probs) if probs and len(probs) == len(labels) else None), torch.cat(labels)
 
 
-def _fit_member(model: torch.nn.Module, x_all: torch.Tensor, train_idx: np.ndarray, targets: torch.Tensor,
+class QueriedImages:
+    """The queried images, read from the data set's (memory-mapped uint8) images and made
+    [0,1] float tensors one batch at a time: x[i] for positions i in `rows`."""
+
+    def __init__(self, images: np.ndarray, rows: np.ndarray):
+        self.images, self.rows = images, np.asarray(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i) -> torch.Tensor:
+        from ..runs.errors import to_tensor
+
+        if isinstance(i, torch.Tensor):
+            i = i.numpy()
+        return to_tensor(self.images[self.rows[i]])
+
+
+def _fit_member(model: torch.nn.Module, x_all, train_idx: np.ndarray, targets: torch.Tensor,
                 soft: bool, *, epochs: int, lr: float, batch_size: int, flip: bool, seed: int, progress=None,
-                device: torch.device | str = "cpu"):
+                device: torch.device | str = "cpu", pretrained: bool = False):
     """SGD with a one-cycle learning rate on the target's answers (soft: cross-entropy against
-    its probabilities), on random crops (and flips) of the queried images."""
+    its probabilities), on random crops (and flips) of the queried images. `x_all[b]` gives
+    the images at positions `b` (a QueriedImages, or a tensor). A `pretrained` model's own
+    weights learn at INIT_LR_SCALE times `lr`, a new head (Headed) at `lr`."""
     gen = torch.Generator().manual_seed(seed)
     model = model.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    if pretrained:
+        head = list(model.head.parameters()) if isinstance(model, Headed) else []
+        body = [p for p in (model.body if isinstance(model, Headed) else model).parameters() if p.requires_grad]
+        groups = [{"params": body, "lr": lr * INIT_LR_SCALE}] + ([{"params": head, "lr": lr}] if head else [])
+        max_lr = [g["lr"] for g in groups]
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    else:
+        max_lr = lr
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps_per_epoch = -(-len(train_idx) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=epochs * steps_per_epoch)
     model.train()
     for _ in range(epochs):
         order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
@@ -154,24 +313,29 @@ def _fit_member(model: torch.nn.Module, x_all: torch.Tensor, train_idx: np.ndarr
     return model.cpu().eval()  # saved and measured on the CPU
 
 
-def agreement(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
-    """The share of images `x` on which `model`'s top-1 is `labels` (the target's answers)."""
+def agreement(model: torch.nn.Module, x, labels: torch.Tensor) -> float:
+    """The share of images `x` (a tensor, or a QueriedImages read 500 at a time) on which
+    `model`'s top-1 is `labels` (the target's answers)."""
     with torch.no_grad():
         pred = torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
     return float((pred == labels).float().mean())
 
 
-def train_surrogate(target, ds: Dataset, budget: int, *, members=DEFAULT_MEMBERS, epochs: int = 30,
+def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: int = 30,
                     holdout: float = 0.1, batch_size: int = 128, lr: float = 0.05, flip: bool = True,
-                    seed: int = 0, target_spec: str = "", progress=None, device: torch.device | str = "cpu") -> Surrogate:
+                    seed: int = 0, target_spec: str = "", progress=None, device: torch.device | str = "cpu",
+                    init: str | None = None) -> Surrogate:
     """Query the target on `budget` images of `ds` and fit a surrogate to its answers: each
-    member in turn (member i with seed `seed + i`), on the same answers.
+    member in turn (member i with seed `seed + i`), on the same answers. `members` None: the
+    default ones, or with `init` (a pretrained model's SPEC, see build_init) that model alone.
 
     `progress(stage, advance)` is called as work proceeds, if given (one "train" step per
     member and epoch)."""
-    from ..runs.errors import to_tensor
-
-    members = parse_members(members)
+    members = parse_members(members, init)
+    h, w, c = ds.shape
+    init = absolute_spec(init) if init else None
+    # The pretrained model loads (and is checked on the data's size) before any query.
+    pretrained = build_init(init, ds.num_classes, (c, h, w)) if init else None
     if budget < 10:
         raise FlipbackError(f"a surrogate needs a budget of at least 10 queries, got {budget}")
     rng = np.random.default_rng(seed)
@@ -186,22 +350,32 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=DEFAULT_MEMBERS
     # at random: a tail slice of an image folder would be one class.
     split = rng.permutation(n)
     train_idx, hold_idx = np.sort(split[n_hold:]), np.sort(split[:n_hold])
-    x_all = to_tensor(ds.images[chosen])
-    h, w, c = ds.shape
+    x_all = QueriedImages(ds.images, chosen)  # read a batch at a time
 
     built = []
     for i, name in enumerate(members):
         torch.manual_seed(seed + i)
-        built.append(_fit_member(build_member(name, ds.num_classes, c), x_all, train_idx,
+        if name == INIT_MEMBER:
+            # Its new head (if any) starts from this seed, as the other members do.
+            member = (Headed(pretrained.body, pretrained.head.in_features, ds.num_classes)
+                      if isinstance(pretrained, Headed) else pretrained)
+        else:
+            member = build_member(name, ds.num_classes, c)
+        built.append(_fit_member(member, x_all, train_idx,
                                  probs if soft else labels, soft, epochs=epochs, lr=lr, batch_size=batch_size,
-                                 flip=flip and c == 3, seed=seed + i, progress=progress, device=device))
+                                 flip=flip and c == 3, seed=seed + i, progress=progress, device=device,
+                                 pretrained=name == INIT_MEMBER))
     model = built[0] if len(built) == 1 else SurrogateEnsemble(built).eval()
-    held_x, held_labels = x_all[hold_idx], labels[hold_idx]
+    held_x, held_labels = QueriedImages(ds.images, chosen[hold_idx]), labels[hold_idx]
     meta = {"members": list(members), "num_classes": ds.num_classes, "input_shape": [c, h, w],
             "classes": list(ds.classes), "queries": int(n), "held_out": int(n_hold),
             "agreement": agreement(model, held_x, held_labels),
             "member_agreement": [agreement(m, held_x, held_labels) for m in built],
             "output": "scores" if soft else "label", "epochs": epochs, "target": target_spec, "seed": seed}
+    if init:
+        meta["init"] = init  # rebuilt from this SPEC (its files must be there) when the surrogate loads
+        meta["init_head"] = isinstance(pretrained, Headed)
+        meta["init_lr_scale"] = INIT_LR_SCALE
     return Surrogate(model, meta)
 
 
@@ -214,7 +388,10 @@ def save_surrogate(s: Surrogate, path: Path) -> Path:
     return path
 
 
-def load_surrogate(path: Path) -> Surrogate:
+def load_surrogate(path: Path, *, trust_model: bool = False) -> Surrogate:
+    """A saved surrogate: its members rebuilt from their names (an --init member from its SPEC,
+    which must still be there; a `python:` one only with `trust_model`) and its weights loaded
+    (`weights_only`: no pickled code runs)."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"surrogate file not found: {path}", hint="make one with `flipback surrogate`")
@@ -222,8 +399,14 @@ def load_surrogate(path: Path) -> Surrogate:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         meta = obj["meta"]
         c = meta["input_shape"][0]
-        model = build_surrogate(meta["num_classes"], c, _members_of(meta))
+        model = build_surrogate(meta["num_classes"], c, _members_of(meta), init=meta.get("init"),
+                                input_shape=meta["input_shape"], trust_code=trust_model)
         model.load_state_dict(obj["state_dict"])
+    except ModelError as exc:
+        if "init" not in meta:
+            raise ModelError(f"{path} is not a flipback surrogate (ModelError: {exc})") from None
+        raise ModelError(f"cannot rebuild surrogate {path} from its --init model {meta['init']}: {exc.message}",
+                         hint=exc.hint) from None
     except (KeyError, TypeError, RuntimeError, FlipbackError) as exc:
         raise ModelError(f"{path} is not a flipback surrogate ({type(exc).__name__}: {exc})") from None
     except Exception as exc:

@@ -1,0 +1,221 @@
+"""Surrogates at larger sizes: training streams from the data set, `--init SPEC` starts a member
+from a pretrained model (no target queries), and the data is decoded with the target's eval
+transform, as explain decodes it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from flipback.cli import app
+from flipback.errors import FlipbackError, ModelError
+from flipback.runs.errors import to_tensor
+from flipback.runs.surrogate_run import run_surrogate
+from flipback.targets.blackbox import load_blackbox
+from flipback.targets.surrogate import (DEFAULT_MEMBERS, Headed, QueriedImages, _fit_member, build_member,
+                                        load_surrogate, parse_members, save_surrogate, train_surrogate)
+
+runner = CliRunner()
+SIZE = 16
+
+# Three classes: the brightest colour channel. Scores are logits.
+TARGET = '''
+import numpy as np
+
+def predict(x):
+    return (x.mean((2, 3)) * 20).astype(np.float32)
+'''
+
+# A tiny CNN "pretrained" by the test (weights in a file beside the module).
+NET = '''
+from pathlib import Path
+import torch
+import torch.nn as nn
+
+OUTPUTS = {outputs}
+
+def net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, OUTPUTS))
+
+def pretrained():
+    m = net()
+    m.load_state_dict(torch.load(Path(__file__).with_suffix(".th"), weights_only=True))
+    return m
+'''
+
+
+def _images(n: int, seed: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    cls = rng.integers(0, 3, n)
+    x = rng.integers(0, 150, (n, size, size, 3))
+    x[np.arange(n), :, :, cls] += 100
+    return x.astype(np.uint8), cls
+
+
+@pytest.fixture
+def world(tmp_path):
+    """(target spec, training .npz)"""
+    (tmp_path / "target.py").write_text(TARGET)
+    x, y = _images(400, 0)
+    np.savez(tmp_path / "train_set.npz", images=x, labels=y)
+    return f"python:{tmp_path / 'target.py'}:predict", tmp_path / "train_set.npz"
+
+
+def _pretrain(folder: Path, outputs: int, steps: int = 150) -> str:
+    """A python: factory spec of a net trained on the target's rule (images the surrogate never sees)."""
+    path = folder / f"net{outputs}.py"
+    path.write_text(NET.format(outputs=outputs))
+    ns: dict = {}
+    exec(NET.format(outputs=outputs), ns)
+    torch.manual_seed(0)
+    m = ns["net"]()
+    opt = torch.optim.Adam(m.parameters(), lr=0.02)
+    x, _ = _images(512, 7)
+    xt = to_tensor(x)
+    y = xt.mean((2, 3)).argmax(1)  # the target's answers
+    for _ in range(steps):
+        loss = F.cross_entropy(m(xt), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save(m.state_dict(), path.with_suffix(".th"))
+    return f"python:{path}:pretrained"
+
+
+def _train(target, data, out: Path, *, init=None, members=None, budget=200, epochs=3):
+    from flipback.data import load_dataset
+
+    ds = load_dataset(data, split="train")
+    with load_blackbox(target, ds.num_classes, budget=budget, input_shape=(3, SIZE, SIZE)) as bb:
+        s = train_surrogate(bb, ds, budget, members=members, epochs=epochs, init=init, seed=1)
+    save_surrogate(s, out)
+    return s, ds
+
+
+def test_streamed_batches_train_the_same_member_as_one_tensor():
+    """QueriedImages (read a batch at a time) gives exactly the weights of the old in-memory tensor."""
+    x, _ = _images(90, 3)
+    chosen = np.sort(np.random.default_rng(0).permutation(90)[:70])
+    train_idx = np.arange(0, 70, 1)[5:]
+    targets = torch.softmax(torch.randn(70, 3, generator=torch.Generator().manual_seed(0)), 1)
+    fitted = []
+    for images in (to_tensor(x[chosen]), QueriedImages(x, chosen)):
+        torch.manual_seed(4)
+        fitted.append(_fit_member(build_member("cnn4", 3, 3), images, train_idx, targets, True, epochs=2,
+                                  lr=0.05, batch_size=16, flip=True, seed=4))
+    a, b = (m.state_dict() for m in fitted)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(QueriedImages(x, chosen)[torch.tensor([3, 1])], to_tensor(x[chosen][[3, 1]]))
+
+
+def test_member_names_with_and_without_init():
+    assert parse_members(None) == DEFAULT_MEMBERS
+    assert parse_members(None, "x.pt2") == ("init",)
+    assert parse_members("cnn8", "x.pt2") == ("init", "cnn8")
+    assert parse_members("cnn8,init", "x.pt2") == ("cnn8", "init")
+    with pytest.raises(FlipbackError, match="--init"):
+        parse_members("init,cnn8")
+
+
+def test_init_beats_scratch_and_reloads_with_identical_logits(world, tmp_path):
+    target, data = world
+    spec = _pretrain(tmp_path, 3)
+    scratch, _ = _train(target, data, tmp_path / "scratch.th", members="cnn8")
+    init, ds = _train(target, data, tmp_path / "init.th", init=spec)
+    assert init.meta["members"] == ["init"] and init.meta["init_head"] is False
+    assert init.meta["init"] == spec and init.meta["queries"] == 200  # the init cost no queries
+    assert init.meta["agreement"] >= 0.9 > scratch.meta["agreement"], (init.meta, scratch.meta)
+
+    with pytest.raises(ModelError, match="trust-model"):  # the file names code to import: opt-in
+        load_surrogate(tmp_path / "init.th")
+    back = load_surrogate(tmp_path / "init.th", trust_model=True)
+    x = to_tensor(ds.images[:50])
+    with torch.no_grad():
+        assert torch.equal(back.module(x), init.module(x))
+
+
+def test_init_with_other_output_count_gets_a_new_head(world, tmp_path):
+    target, data = world
+    spec = _pretrain(tmp_path, 5)  # 5 outputs, the target has 3 classes
+    s, ds = _train(target, data, tmp_path / "s.th", init=spec, members="init,cnn4", epochs=2)
+    assert s.meta["members"] == ["init", "cnn4"] and s.meta["init_head"] is True
+    head = s.module.members[0]
+    assert isinstance(head, Headed) and (head.head.in_features, head.head.out_features) == (5, 3)
+    back = load_surrogate(tmp_path / "s.th", trust_model=True)
+    x = to_tensor(ds.images[:50])
+    with torch.no_grad():
+        assert torch.equal(back.module(x), s.module(x))
+
+
+def test_init_from_torchscript_and_export_files_trains_saves_reloads(world, tmp_path):
+    target, data = world
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3)).eval()
+    torch.jit.script(net).save(str(tmp_path / "net.pt"))
+    ex = torch.export.export(net, (torch.zeros(2, 3, SIZE, SIZE),),
+                             dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(ex, str(tmp_path / "net.pt2"))
+    for name in ("net.pt", "net.pt2"):
+        s, ds = _train(target, data, tmp_path / f"{name}.th", init=str(tmp_path / name), budget=60, epochs=1)
+        back = load_surrogate(tmp_path / f"{name}.th")  # no code to import: no opt-in needed
+        x = to_tensor(ds.images[:20])
+        with torch.no_grad():
+            assert torch.equal(back.module(x), s.module(x)), name
+        assert not torch.equal(back.module(x), net(x)), name  # fine-tuned
+
+
+def test_cli_init_and_a_bad_init(world, tmp_path):
+    target, data = world
+    spec = _pretrain(tmp_path, 3, steps=20)
+    res = runner.invoke(app, ["--json", "surrogate", "--target", target, "--data", str(data), "--budget", "40",
+                              "--epochs", "1", "--init", spec, "--out", str(tmp_path / "s.th")])
+    assert res.exit_code == 0, res.output
+    meta = load_surrogate(tmp_path / "s.th", trust_model=True).meta
+    assert meta["members"] == ["init"] and meta["init"] == spec and meta["queries"] == 40
+    res = runner.invoke(app, ["surrogate", "--target", target, "--data", str(data), "--budget", "40",
+                              "--init", str(tmp_path / "missing.pt2"), "--out", str(tmp_path / "t.th")])
+    assert res.exit_code != 0 and "Traceback" not in res.output and "missing.pt2" in res.output
+
+
+def test_surrogate_data_gets_the_targets_eval_transform(tmp_path):
+    """A .pt2 target at 16 px, data at 24 px: decoded as explain decodes it (resized), then trained."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 3)).eval()
+    ex = torch.export.export(net, (torch.zeros(2, 3, SIZE, SIZE),),
+                             dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(ex, str(tmp_path / "target.pt2"))
+    x, y = _images(60, 0, size=24)
+    np.savez(tmp_path / "train_set.npz", images=x, labels=y)
+    meta = run_surrogate(target=str(tmp_path / "target.pt2"), data=str(tmp_path / "train_set.npz"), budget=40,
+                         out=tmp_path / "s.th", epochs=1, members="cnn4", device="cpu", show_progress=False,
+                         log=lambda m: None)
+    assert meta["input_shape"] == [3, SIZE, SIZE]
+
+
+def test_init_from_a_zoo_checkpoint_of_another_class_count(world, tmp_path):
+    """cifar_resnet20:FILE with 10 classes for a 3-class target: built with its own 10 (read from
+    the checkpoint), a new 10 -> 3 head on top; the relative path is stored absolute."""
+    from flipback.targets.zoo import ZOO
+
+    torch.save(ZOO["cifar_resnet20"].build(10).state_dict(), tmp_path / "r20.th")
+    target, data = world
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        s, ds = _train(target, data, tmp_path / "s.th", init="cifar_resnet20:r20.th", budget=40, epochs=1)
+    finally:
+        os.chdir(cwd)
+    assert s.meta["init"] == f"cifar_resnet20:{tmp_path / 'r20.th'}" and s.meta["init_head"] is True
+    back = load_surrogate(tmp_path / "s.th")
+    x = to_tensor(ds.images[:20])
+    with torch.no_grad():
+        assert torch.equal(back.module(x), s.module(x))
