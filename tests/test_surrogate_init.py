@@ -19,7 +19,8 @@ from flipback.runs.errors import to_tensor
 from flipback.runs.surrogate_run import run_surrogate
 from flipback.targets.blackbox import load_blackbox
 from flipback.targets.surrogate import (DEFAULT_MEMBERS, Headed, QueriedImages, _fit_member, build_member,
-                                        load_surrogate, parse_members, save_surrogate, train_surrogate)
+                                        load_surrogate, parse_members, rows_per_batch, save_surrogate,
+                                        train_surrogate)
 
 runner = CliRunner()
 SIZE = 16
@@ -113,6 +114,12 @@ def test_streamed_batches_train_the_same_member_as_one_tensor():
     a, b = (m.state_dict() for m in fitted)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(QueriedImages(x, chosen)[torch.tensor([3, 1])], to_tensor(x[chosen][[3, 1]]))
+
+
+def test_query_and_check_batches_shrink_only_for_large_images():
+    """500 images at a time as before up to ~100 px; under 64 MiB of floats above (111 at 224 px)."""
+    assert rows_per_batch((32, 32, 3)) == rows_per_batch((28, 28, 1)) == rows_per_batch((100, 100, 3)) == 500
+    assert rows_per_batch((224, 224, 3)) == 111 and rows_per_batch((4000, 4000, 3)) == 1
 
 
 def test_member_names_with_and_without_init():

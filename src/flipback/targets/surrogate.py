@@ -239,10 +239,18 @@ def _augment(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
     return out
 
 
-def query_answers(target, ds: Dataset, indices: np.ndarray, *, batch_size: int = 500, progress=None):
-    """Ask the target about `indices` (counted queries). Returns (probabilities or None, labels)."""
+def rows_per_batch(shape, most: int = 500, cap_bytes: int = 64 << 20) -> int:
+    """Images per batch for queries and held-out checks: `most`, fewer where their float32
+    tensor would pass `cap_bytes` (500 up to 100x100 px; 111 at 224x224x3)."""
+    return max(1, min(most, cap_bytes // (4 * int(np.prod(shape)))))
+
+
+def query_answers(target, ds: Dataset, indices: np.ndarray, *, batch_size: int | None = None, progress=None):
+    """Ask the target about `indices` (counted queries), `batch_size` images at a time (None:
+    rows_per_batch). Returns (probabilities or None, labels)."""
     from ..runs.errors import to_tensor
 
+    batch_size = batch_size or rows_per_batch(ds.shape)
     probs, labels = [], []
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
@@ -314,10 +322,11 @@ def _fit_member(model: torch.nn.Module, x_all, train_idx: np.ndarray, targets: t
 
 
 def agreement(model: torch.nn.Module, x, labels: torch.Tensor) -> float:
-    """The share of images `x` (a tensor, or a QueriedImages read 500 at a time) on which
-    `model`'s top-1 is `labels` (the target's answers)."""
+    """The share of images `x` (a tensor, or a QueriedImages; read rows_per_batch at a time) on
+    which `model`'s top-1 is `labels` (the target's answers)."""
+    k = rows_per_batch(tuple(x[0:1].shape[1:])) if len(x) else 1
     with torch.no_grad():
-        pred = torch.cat([model(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
+        pred = torch.cat([model(x[i:i + k]).argmax(1) for i in range(0, len(x), k)])
     return float((pred == labels).float().mean())
 
 
