@@ -226,3 +226,14 @@ def test_init_from_a_zoo_checkpoint_of_another_class_count(world, tmp_path):
     x = to_tensor(ds.images[:20])
     with torch.no_grad():
         assert torch.equal(back.module(x), s.module(x))
+
+
+def test_bench_refuses_a_python_init_before_any_work(world, tmp_path):
+    """Loading it would need --trust-model, which bench does not have."""
+    from flipback.runs.bench import run_bench
+
+    target, data = world
+    with pytest.raises(FlipbackError, match="python:"):
+        run_bench(model=target, data=str(data), out_dir=tmp_path / "b", mode="black-box", surrogate_data=str(data),
+                  surrogate_init=_pretrain(tmp_path, 3, steps=1), show_progress=False, log=lambda m: None)
+    assert not (tmp_path / "b").exists()

@@ -33,6 +33,11 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
     resolve_device(device)  # a device that is not there: one clear error before any work
     if methods is None:
         methods = ["paper", "fast", "minimal"] if mode == "white-box" else ["paper", "fast"]
+    if mode == "black-box" and surrogate is None and surrogate_init and surrogate_init.startswith("python:"):
+        # Loading such a surrogate imports the code it names, which needs --trust-model; bench has none.
+        raise FlipbackError("bench cannot start its surrogate from a python: model",
+                            hint="export it to a .pt2 or TorchScript file; or train with `flipback surrogate --init` "
+                                 "and explain with `flipback explain --trust-model`")
     if mode == "black-box" and surrogate is None:
         surrogate = str(_bench_surrogate(model, surrogate_data, surrogate_budget, output, out_dir, show_progress, log,
                                          device=device, init=surrogate_init))
