@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from random_models import save_random_surrogate
+from run_folders import committed_rows
 from flipback.targets.zoo import SmallCNN
 
 KILLS_PER_MODE = 11  # 22 in all
@@ -65,21 +66,6 @@ def _env(cache: Path) -> dict:
     return {**os.environ, "FLIPBACK_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
-def _rows(out: Path) -> int:
-    """Committed results so far, read as a second process would (never blocks the writer)."""
-    db = out / "results.sqlite"
-    if not db.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.05)
-        try:
-            return con.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:  # not created yet, or locked for a moment
-        return 0
-
-
 def _final_state(out: Path) -> dict:
     """Everything a finished run leaves that must not depend on kills: every stored record,
     original and corrected image (bytes), and the PNG files the records point to."""
@@ -112,9 +98,9 @@ def _kill_and_resume(mode: str, d: Path, out: Path, cache: Path, rng: random.Ran
                 time.sleep(rng.uniform(0.05, 0.6) * reference_s)
             else:  # a random moment while images are being explained: just after the next commit,
                 # soon enough that a fast machine has not finished the run meanwhile
-                want = _rows(out) + 3
+                want = committed_rows(out) + 3
                 deadline = time.monotonic() + 3 * reference_s
-                while proc.poll() is None and _rows(out) < want and time.monotonic() < deadline:
+                while proc.poll() is None and committed_rows(out) < want and time.monotonic() < deadline:
                     time.sleep(0.005)
                 time.sleep(rng.uniform(0, 0.03))
         finally:
@@ -126,7 +112,7 @@ def _kill_and_resume(mode: str, d: Path, out: Path, cache: Path, rng: random.Ran
             proc.stderr.close()
         if alive:
             assert proc.returncode == -signal.SIGKILL
-            at_kill.append(_rows(out))
+            at_kill.append(committed_rows(out))
         else:  # it finished before the kill: later kills hit the resume of a finished run
             assert proc.returncode == 0, stderr
             finished_s = time.monotonic() - t0

@@ -33,6 +33,7 @@ from PIL import Image
 import ray  # noqa: F401 - the test extra installs it: a missing one fails instead of skipping
 
 from random_models import save_random_surrogate
+from run_folders import committed_rows
 from servers.kserve_process import ServerProcess
 from flipback.targets.surrogate import Surrogate, build_surrogate, save_surrogate
 from flipback.targets.zoo import SmallCNN
@@ -249,20 +250,6 @@ def _files(out: Path) -> list[str]:
                   if p.is_file() and not p.name.startswith("results.sqlite-"))
 
 
-def _rows(out: Path) -> int:
-    db = out / "results.sqlite"
-    if not db.exists():
-        return 0
-    try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.05)
-        try:
-            return con.execute("SELECT COUNT(*) FROM results").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
-
-
 def _actor_pids(busy: bool = False) -> list[int]:
     """Processes of ExplainWorker actors (Ray names them ray::ExplainWorker[.method])."""
     pids = []
@@ -280,10 +267,10 @@ def _actor_pids(busy: bool = False) -> list[int]:
 
 def _wait_rows(proc: subprocess.Popen, out: Path, n: int, deadline_s: float = 240) -> None:
     end = time.monotonic() + deadline_s
-    while proc.poll() is None and _rows(out) < n and time.monotonic() < end:
+    while proc.poll() is None and committed_rows(out) < n and time.monotonic() < end:
         time.sleep(0.01)
     assert proc.poll() is None, f"the run ended before {n} results were committed:\n{proc.stderr.read()}"
-    assert _rows(out) >= n
+    assert committed_rows(out) >= n
 
 
 @pytest.fixture(scope="module")
@@ -339,7 +326,7 @@ def test_driver_sigkilled_mid_run_and_the_same_command_resumes(cluster, small, r
     finally:
         if proc.poll() is None:
             proc.kill()
-    at_kill = _rows(out)
+    at_kill = committed_rows(out)
     assert 0 < at_kill < LIMIT
     end = time.monotonic() + 60  # Ray ends a dead driver's actors, which frees their CPUs
     while _actor_pids() and time.monotonic() < end:
