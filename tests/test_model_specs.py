@@ -145,6 +145,39 @@ def test_torch_export_archive(tmp_path):
         load_model(str(tmp_path / "fixed.pt2"), 3)
 
 
+def test_bench_paper_with_a_classes_file(tmp_path):
+    """`bench paper --classes`: a .pt2 model of 3 classes and a folder holding 2 of them, in
+    another order and at another size; the labels are the model's indices."""
+    from typer.testing import CliRunner
+
+    from flipback.cli import app
+
+    torch.manual_seed(0)
+    net = _Net().eval()
+    program = torch.export.export(net, (torch.rand(2, 3, 20, 24),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "net.pt2")
+    (tmp_path / "names.txt").write_text("ant\nbee\ncow\n")
+    rng = np.random.default_rng(1)
+    for cls in ("cow", "ant"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (30, 36, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{i}.png")
+    res = CliRunner().invoke(app, ["--json", "bench", "paper", "--model", str(tmp_path / "net.pt2"),
+                                   "--data", str(tmp_path / "data"), "--out", str(tmp_path / "bench"),
+                                   "--methods", "fast", "--classes", str(tmp_path / "names.txt"), "--device", "cpu"],
+                             env={"FLIPBACK_CACHE": str(tmp_path / "cache")})
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "bench" / "fast" / "summary.json").read_text())
+    assert summary["n_images"] == 8
+    ds = dataset_for_model(str(tmp_path / "net.pt2"), tmp_path / "data", classes=str(tmp_path / "names.txt"),
+                           cache_dir=tmp_path / "cache")
+    assert ds.classes == ["ant", "bee", "cow"] and sorted(ds.labels.tolist()) == [0] * 4 + [2] * 4
+    x = torch.from_numpy(np.array(ds.images)).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        wrong = int((net(x).argmax(1) != torch.from_numpy(ds.labels)).sum())
+    assert summary["n_misclassified"] == wrong  # the labels were the model's indices, not the folders' 0 and 1
+
+
 @pytest.mark.skipif(_timm_works(), reason="timm imports here: the success path runs instead")
 def test_timm_without_a_working_torchvision_is_one_clear_error():
     with pytest.raises(ModelError) as info:

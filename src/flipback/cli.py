@@ -224,6 +224,8 @@ def bench_paper(
     rate_limit: Optional[float] = typer.Option(None, min=0.001, help="--ray, black-box: most requests per second to the target, all actors together."),
     device: str = typer.Option("auto", help=_DEVICE_HELP + " Black-box: the surrogate."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=_MEMORY_HELP),
+    classes: Optional[Path] = typer.Option(None, help="The model's class names, one a line, in its output order "
+                                           "(as explain's --classes)."),
 ):
     """Run each method on all errors and compare with the published figures."""
     from .runs.bench import PAPER, run_bench
@@ -234,7 +236,7 @@ def bench_paper(
                            limit=limit, figures=figures, batch_size=batch_size,
                            surrogate=surrogate, surrogate_data=surrogate_data, surrogate_budget=surrogate_budget,
                            surrogate_init=surrogate_init, output=output.value, show_progress=not _state["quiet"], log=_log,
-                           device=device, max_memory=max_memory,
+                           device=device, max_memory=max_memory, classes=str(classes) if classes else None,
                            ray=_ray_options(ray, ray_actors, ray_cpus, ray_gpus, total_budget, rate_limit))
         if _state["json"]:
             print(json.dumps(result))

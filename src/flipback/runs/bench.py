@@ -28,7 +28,9 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
               pixels: str = "uint8", limit: int | None = None, figures: bool = False, batch_size: int = 256,
               surrogate: str | None = None, surrogate_data: str | None = None, surrogate_budget: int = 10000,
               output: str = "scores", show_progress: bool = True, log=print, ray=None, device: str = "auto",
-              max_memory: str | None = None, surrogate_init: str | None = None) -> dict:
+              max_memory: str | None = None, surrogate_init: str | None = None, classes: str | None = None) -> dict:
+    """`classes`: the model's class names, one a line, in its output order (explain's
+    --classes); the data set's class folders are matched to them, for the surrogate too."""
     out_dir = Path(out_dir)
     resolve_device(device)  # a device that is not there: one clear error before any work
     if methods is None:
@@ -40,12 +42,12 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
                                  "and explain with `flipback explain --trust-model`")
     if mode == "black-box" and surrogate is None:
         surrogate = str(_bench_surrogate(model, surrogate_data, surrogate_budget, output, out_dir, show_progress, log,
-                                         device=device, init=surrogate_init))
+                                         device=device, init=surrogate_init, classes=classes))
     results = {}
     for method in methods:
         cfg = ExplainConfig(model=model, data=data, mode=mode, method=method, pixels=pixels, limit=limit,
                             figures=figures, batch_size=batch_size, surrogate=surrogate, output=output, device=device,
-                            max_memory=max_memory)
+                            max_memory=max_memory, classes=classes)
         log(f"bench: {method}")
         summary = run_explain(cfg, out_dir / method, show_progress=show_progress, log=log, ray=ray)
         results[method] = {k: v for k, v in summary.items() if k not in ("confusion", "classes")}
@@ -58,7 +60,8 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
 
 
 def _bench_surrogate(model, surrogate_data, budget, output, out_dir: Path, show_progress, log,
-                     allow_test_data: bool = False, device: str = "auto", init: str | None = None) -> Path:
+                     allow_test_data: bool = False, device: str = "auto", init: str | None = None,
+                     classes: str | None = None) -> Path:
     """Train the bench's surrogate once; a re-run (resume) reuses the one in the folder (one
     file per --surrogate-init SPEC)."""
     from .surrogate_run import run_surrogate
@@ -72,5 +75,6 @@ def _bench_surrogate(model, surrogate_data, budget, output, out_dir: Path, show_
         log(f"using the bench's surrogate {path}")
         return path
     run_surrogate(target=model, data=surrogate_data, budget=budget, out=path, output=output,
-                  allow_test_data=allow_test_data, device=device, show_progress=show_progress, log=log, init=init)
+                  allow_test_data=allow_test_data, device=device, show_progress=show_progress, log=log, init=init,
+                  classes=classes)
     return path
