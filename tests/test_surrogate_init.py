@@ -228,6 +228,25 @@ def test_init_from_a_zoo_checkpoint_of_another_class_count(world, tmp_path):
         assert torch.equal(back.module(x), s.module(x))
 
 
+def test_cli_batch_size_reaches_the_training_and_the_file(world, tmp_path, monkeypatch):
+    import flipback.targets.surrogate as surrogate_module
+
+    seen = []
+    fit = surrogate_module._fit_member
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["batch_size"])
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(surrogate_module, "_fit_member", spy)
+    target, data = world
+    res = runner.invoke(app, ["--quiet", "surrogate", "--target", target, "--data", str(data), "--budget", "40",
+                              "--members", "cnn4,cnn4", "--epochs", "1", "--batch-size", "7", "--device", "cpu",
+                              "--out", str(tmp_path / "s.th")])
+    assert res.exit_code == 0, res.output
+    assert seen == [7, 7] and load_surrogate(tmp_path / "s.th").meta["batch_size"] == 7
+
+
 def test_bench_refuses_a_python_init_before_any_work(world, tmp_path):
     """Loading it would need --trust-model, which bench does not have."""
     from flipback.runs.bench import run_bench

@@ -322,6 +322,8 @@ def surrogate_cmd(
     split: str = typer.Option("train", help="train or test, for IDX folders and split folders."),
     output: Output = typer.Option(Output.scores, help="Learn from the target's scores, or only its labels."),
     epochs: int = typer.Option(30, min=1),
+    batch_size: int = typer.Option(128, min=1, help="Images per training step (lower it for large images on a "
+                                   "small GPU; the learning rate stays)."),
     members: Optional[str] = typer.Option(None,
                                           help=f"Surrogate models, comma-separated, trained on the same answers and "
                                                f"averaged: {MEMBER_HELP}; 'init' is the --init model "
@@ -342,6 +344,7 @@ def surrogate_cmd(
     def go():
         meta = run_surrogate(target=target, data=data, budget=budget, out=out_file, split=split,
                              output=output.value, epochs=epochs, members=members, seed=seed, mean=_floats(mean),
+                             batch_size=batch_size,
                              std=_floats(std), allow_test_data=allow_test_data, device=device, show_progress=not _state["quiet"],
                              log=_log, init=init, classes=str(classes) if classes else None)
         if _state["json"]:

@@ -16,12 +16,14 @@ from .progress import progress_bar
 def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str = "train", output: str = "scores",
                   epochs: int = 30, members=None, seed: int = 0, flip: bool = True, mean=None, std=None,
                   allow_test_data: bool = False, device: str = "auto", show_progress: bool = True, log=print,
-                  init: str | None = None, classes: str | None = None) -> dict:
+                  init: str | None = None, classes: str | None = None,
+                  batch_size: int = 128) -> dict:
     """Train a surrogate of `target` on `data` and save it to `out`; returns its metadata.
 
     The data is decoded as explain decodes it (dataset_for_model): with the target's eval
     transform when flipback can read one from its SPEC (hf:, timm:, .pt2, zoo), its classes
-    matched to the target's (or to `classes`, a file). `members` None: the default members, or
+    matched to the target's (or to `classes`, a file). `batch_size`: images per training
+    step (smaller for large images on a small GPU). `members` None: the default members, or
     with `init` (a pretrained model's SPEC, at no query cost) that model alone; see
     targets/surrogate.py.
 
@@ -50,6 +52,7 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
                 progress_bar("training the surrogate", total=epochs * len(members), enabled=show_progress,
                              unit="epoch") as t_adv:
             surrogate = train_surrogate(bb, ds, budget, members=members, epochs=epochs, seed=seed, flip=flip,
+                                        batch_size=batch_size,
                                         target_spec=target, device=dev, init=init,
                                         progress=lambda stage, k: (q_adv if stage == "query" else t_adv)(k))
         surrogate.meta["queries"] = int(bb.queries)  # the accounting layer's exact count

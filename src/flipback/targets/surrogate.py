@@ -380,7 +380,8 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
             "classes": list(ds.classes), "queries": int(n), "held_out": int(n_hold),
             "agreement": agreement(model, held_x, held_labels),
             "member_agreement": [agreement(m, held_x, held_labels) for m in built],
-            "output": "scores" if soft else "label", "epochs": epochs, "target": target_spec, "seed": seed}
+            "output": "scores" if soft else "label", "epochs": epochs, "target": target_spec, "seed": seed,
+            "batch_size": batch_size}
     if init:
         meta["init"] = init  # rebuilt from this SPEC (its files must be there) when the surrogate loads
         meta["init_head"] = isinstance(pretrained, Headed)
