@@ -57,17 +57,24 @@ class FastAttack(CorrectiveAttack):
 
     def run(self, oracle, guide, images, labels, ids=None, *, budget=None) -> AttackResult:
         call = self.start(oracle, guide, images, labels, ids, budget)
+        self.correct(call, torch.arange(len(call), device=call.device))
+        return call.result()
+
+    def correct(self, call: AttackCall, rows: torch.Tensor) -> None:
+        """Correct the unmodified images of `rows` in an open call (other methods start from this)."""
         n = len(call)
         shape = call.x0.shape
         pixels255 = call.x0.flatten(1) * 255
         change = torch.zeros_like(pixels255)  # in 1/255 units (paid guide)
-        logits, grad = call.original_gradient(smooth_margin)
-        gap = -smooth_margin(logits, call.labels)  # > 0 where the guide gets the image wrong
+        logits, grad = call.original_gradient(smooth_margin, rows)
+        gap = -smooth_margin(logits, call.labels[rows])  # > 0 where the guide gets the image wrong
         grad = grad.flatten(1) / 255
         scale = torch.full((n,), self.overshoot, device=call.device)
         # Free guide: the surrogate margin to reach before asking.
-        want = margin(call.original_logits(), call.labels).clamp_min(0) + self.confidence
-        active = torch.arange(n, device=call.device)
+        want = torch.zeros(n, device=call.device)
+        if call.guide.free:
+            want[rows] = margin(call.guide.logits(call.x0[rows]), call.labels[rows]).clamp_min(0) + self.confidence
+        active = rows
         for round_ in range(self.max_queries):
             has_budget = call.left(active) > 0
             active, grad, gap = active[has_budget], grad[has_budget], gap[has_budget]
@@ -90,7 +97,6 @@ class FastAttack(CorrectiveAttack):
                 scale[active] *= 2
             keep = ~verdict.ok
             active, grad, gap = active[keep], grad[keep], gap[keep]
-        return call.result()
 
     def _strengthen(self, call: AttackCall, rows, x, want, round_: int):
         """Free guide steps until its margin reaches `want` per image (batched early stop).

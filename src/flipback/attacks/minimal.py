@@ -19,13 +19,18 @@ linearized margin stays above a fraction of the current one, verified by a query
 Images still not corrected finish with the `fast` attack's steps, so every image ends
 corrected unless the query budget runs out; no phase spends past an image's budget.
 
-Black-box, the guide is a surrogate: phase 1 runs on it for free (its boundary stands in
-for the target's), every try of phase 2 and 3 is a target query, and phase 3's ranking
-uses the surrogate's gradient. With `--pixels float` the best float point is verified by
-one target query. An image leaves phase 1 once it is corrected
-and its best norm has not shrunk by `tolerance` for `patience` steps. On CIFAR-10 that
-makes about 15 queries per image: about 6 gradient steps, 6 scale tries, 1 gradient and
-2 pruning tries.
+An image leaves phase 1 once it is corrected and its best norm has not shrunk by
+`tolerance` for `patience` steps. On CIFAR-10 that makes about 15 queries per image: about
+6 gradient steps, 6 scale tries, 1 gradient and 2 pruning tries.
+
+Black-box, the guide is a surrogate, and two strategies are offered (`black_box`):
+- "shrink" (the default): correct with the `fast` attack's transfer steps (about one
+  query), then shrink the verified change toward the original with the rest of the budget
+  (attacks/shrink.py: line search, then rotations toward the surrogate's normal, each try a
+  target query), and prune. The default budget is 20 queries per image.
+- "boundary": phases 1-3 above with the surrogate's boundary standing in for the target's
+  (phase 1 free, every try of phases 2 and 3 a target query). With `--pixels float` the best
+  float point is verified by one target query.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from ..targets.guide import margin
 from .base import MIN_MARGIN, AttackCall, AttackResult, CorrectiveAttack
 from .fast import FastAttack
 from .projection import project_to_halfspace
+from .shrink import estimate, shrink
+
+BLACK_BOX = ("shrink", "boundary")
 
 
 class MinimalAttack(CorrectiveAttack):
@@ -43,9 +51,14 @@ class MinimalAttack(CorrectiveAttack):
 
     def __init__(self, *, steps: int = 8, grid_steps: int = 6, first_scale: float = 1.5,
                  prune_steps: int = 2, prune_keep: float = 0.3, tolerance: float = 0.01, patience: int = 2,
-                 alpha_max: float = 0.1, overshoot: float = 1.05, backtrack: float = 0.9, max_queries: int = 40,
-                 pixels: str = "uint8"):
+                 alpha_max: float = 0.1, overshoot: float = 1.05, backtrack: float = 0.9,
+                 max_queries: int | None = None, black_box: str = "shrink", line_steps: int = 5,
+                 rotate: float = 0.5, probes: int = 2, confidence: float = 4.0, pixels: str = "uint8"):
         super().__init__(pixels=pixels)
+        if black_box not in BLACK_BOX:
+            raise ValueError(f"black_box must be one of {BLACK_BOX}, got {black_box!r}")
+        self.black_box, self.line_steps, self.rotate, self.confidence = black_box, line_steps, rotate, confidence
+        self.probes = probes  # scores: probes per round of the target's gradient estimate (0: as with labels)
         self.steps = steps
         self.grid_steps = grid_steps
         self.first_scale = first_scale
@@ -57,8 +70,15 @@ class MinimalAttack(CorrectiveAttack):
         self.backtrack = backtrack
         self.max_queries = max_queries
 
+    def budget_for(self, *, guide_free: bool) -> int:
+        if self.max_queries is not None:
+            return self.max_queries
+        return 20 if guide_free and self.black_box == "shrink" else 40
+
     def run(self, oracle, guide, images, labels, ids=None, *, budget=None) -> AttackResult:
         call = self.start(oracle, guide, images, labels, ids, budget)
+        if guide.free and self.black_box == "shrink":
+            return self._transfer_and_shrink(call)
         n, dev = len(call), call.device
         shape = (-1, *call.x0.shape[1:])
         pixels255 = call.x0.flatten(1) * 255
@@ -137,6 +157,21 @@ class MinimalAttack(CorrectiveAttack):
         if self.prune_steps and bool(call.success.any()):
             self._prune(call, pixels255, shape)
         return self._finish(call)
+
+    def _transfer_and_shrink(self, call: AttackCall) -> AttackResult:
+        """Black-box: a transfer correction at about one query, then every query left on
+        making it smaller, then pruning (each prune try a query)."""
+        everyone = torch.arange(len(call), device=call.device)
+        FastAttack(confidence=self.confidence, pixels=self.pixels).correct(call, everyone)
+        prune = self.prune_steps if self.pixels == "uint8" else 0
+        fixed = call.success.nonzero().squeeze(1)
+        if call.oracle.output == "scores" and self.probes:
+            estimate(call, fixed, line_steps=self.line_steps, probes=self.probes, keep=prune)
+        else:
+            shrink(call, fixed, line_steps=self.line_steps, rotate=self.rotate, keep=prune)
+        if prune and bool(call.success.any()):
+            self._prune(call, call.x0.flatten(1) * 255, (-1, *call.x0.shape[1:]))
+        return call.result()
 
     def _prune(self, call: AttackCall, pixels255, shape) -> None:
         idx = call.success.nonzero().squeeze(1)

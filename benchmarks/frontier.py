@@ -1,0 +1,166 @@
+"""The black-box minimal-change frontier: median L2 against mean target queries.
+
+    python benchmarks/frontier.py SURROGATE.th [--split test|train] [--limit N] [--budgets 2,5,10,20]
+        [--hsj 1x10,2x20] [--csv OUT.csv]                                    (needs ../shared)
+
+The public CIFAR-10 ResNet-20 is the target, used only through its answers (in process, scores
+or top-1 labels: the surrogate file says which it learned from). On its first N errors of the
+chosen split, side by side in one run and on the same images:
+- flipback `minimal` in black-box mode at each per-image budget (transfer, then shrink: see
+  attacks/shrink.py);
+- a plain binary search: the same transfer correction, then every query left on bisection
+  along it toward the original (`minimal` with the steps along the boundary and pruning off);
+- ART's HopSkipJump, targeted at the true class and started from flipback's own transfer
+  success (`fast`, one query for most images), so both share the start. `--hsj ITERxEVALS`
+  sets its iterations and first gradient-estimate size; its queries are counted per image.
+Every change is rounded to 8 bits and verified again by the target before it counts.
+
+`--split train` explains the target's training-set errors that the surrogate did not query:
+the validation data on which flipback's settings were chosen (never on the test split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+
+import numpy as np
+import torch
+
+from flipback.attacks import FastAttack, MinimalAttack
+from flipback.data import load_dataset
+from flipback.runs.errors import to_tensor
+from flipback.targets import ModelGuide, load_model
+from flipback.targets.blackbox import load_blackbox
+from flipback.targets.surrogate import load_surrogate
+
+SPEC = "cifar_resnet20:../shared/models/cifar10_resnet20.th"
+DATA = "../shared/data/cifar10-jpeg"
+
+
+def errors(split: str, limit: int, surrogate_meta: dict):
+    ds = load_dataset(DATA, split=split, progress=False)
+    net = load_model(SPEC, ds.num_classes).module.eval()
+    skip = np.zeros(len(ds), dtype=bool)
+    if split == "train":  # the images the surrogate was trained on are not validation data
+        rng = np.random.default_rng(surrogate_meta.get("seed", 0))
+        skip[rng.permutation(len(ds))[:surrogate_meta["queries"]]] = True
+    picked = []
+    with torch.no_grad():
+        for s in range(0, len(ds), 1000):
+            x = to_tensor(ds.images[s:s + 1000])
+            wrong = (net(x).argmax(1).numpy() != ds.labels[s:s + 1000]) & ~skip[s:s + 1000]
+            picked.extend((s + np.nonzero(wrong)[0]).tolist())
+            if len(picked) >= limit:
+                break
+    idx = np.array(picked[:limit])
+    return to_tensor(ds.images[idx]), torch.from_numpy(ds.labels[idx]).long(), ds.num_classes
+
+
+def row(name, x, corrected, success, queries, seconds):
+    l2 = (corrected - x).flatten(1).norm(dim=1)
+    ok = success.bool()
+    return {"method": name, "images": len(x), "success": float(ok.float().mean()),
+            "mean_queries": float(queries.float().mean()),
+            "median_l2": float(l2[ok].median()) if ok.any() else float("nan"),
+            "seconds_per_image": seconds / len(x)}
+
+
+def run_flipback(attack, target, guide, x, y, batch=256):
+    t0 = time.perf_counter()
+    before = target.queries
+    parts = [attack.run(target, guide, x[s:s + batch], y[s:s + batch], torch.arange(s, min(s + batch, len(x))))
+             for s in range(0, len(x), batch)]
+    corrected = torch.cat([r.corrected for r in parts])
+    success, queries = torch.cat([r.success for r in parts]), torch.cat([r.queries for r in parts])
+    assert int(queries.sum()) == target.queries - before  # the accountant agrees
+    return corrected, success, queries, time.perf_counter() - t0
+
+
+def run_hsj(target, x, y, start, start_queries, start_ok, k, iters, evals):
+    """ART's HopSkipJump from flipback's transfer success, one image at a time (ART loops over
+    images anyway), its queries counted per image by a counting predict function."""
+    from art.attacks.evasion import HopSkipJump
+    from art.estimators.classification import BlackBoxClassifier
+
+    counter = {"n": 0}
+
+    def predict(batch):
+        counter["n"] += len(batch)
+        t = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float()
+        answer = target.query(t, counted=False)
+        if answer.scores is not None:
+            return answer.scores.float().numpy()
+        return torch.nn.functional.one_hot(answer.labels, k).float().numpy()
+
+    clf = BlackBoxClassifier(predict, input_shape=tuple(x.shape[2:]) + (x.shape[1],), nb_classes=k,
+                             clip_values=(0.0, 1.0))
+    hsj = HopSkipJump(clf, targeted=True, norm=2, max_iter=iters, max_eval=10 * evals, init_eval=evals,
+                      init_size=1, verbose=False)
+    t0 = time.perf_counter()
+    out = start.clone()
+    queries = start_queries.clone()
+    for i in range(len(x)):
+        if not start_ok[i]:
+            continue
+        counter["n"] = 0
+        xi = x[i:i + 1].permute(0, 2, 3, 1).numpy()
+        init = start[i:i + 1].permute(0, 2, 3, 1).numpy()
+        adv = hsj.generate(xi, y=np.array([int(y[i])]), x_adv_init=init)
+        cand = torch.round(torch.from_numpy(adv).permute(0, 3, 1, 2).clamp(0, 1) * 255) / 255
+        counter["n"] += 1  # the 8-bit candidate is verified by one more query
+        if int(target.query(cand, counted=False).labels[0]) == int(y[i]):
+            out[i] = cand[0]
+        queries[i] += counter["n"]
+    ok = (target.query(out, counted=False).labels == y) & start_ok
+    return out, ok, queries, time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("surrogate")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--limit", type=int, default=10**9)
+    ap.add_argument("--budgets", default="2,5,10,20,50,100")
+    ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the plain binary search at each budget")
+    ap.add_argument("--hsj", default="", help="HopSkipJump settings ITERxEVALS, comma-separated (needs ART)")
+    ap.add_argument("--csv")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    surrogate = load_surrogate(args.surrogate)
+    output = surrogate.meta["output"]
+    x, y, k = errors(args.split, args.limit, surrogate.meta)
+    guide = ModelGuide(surrogate.module, k)
+    rows = []
+    with load_blackbox(SPEC, k, output=output) as target:
+        for b in [int(v) for v in args.budgets.split(",") if v]:
+            rows.append(row(f"flipback minimal, budget {b}", x,
+                            *run_flipback(MinimalAttack(max_queries=b), target, guide, x, y)))
+            print(rows[-1], flush=True)
+            if args.baseline:
+                line = MinimalAttack(max_queries=b, rotate=0, probes=0, prune_steps=0, line_steps=b)
+                rows.append(row(f"binary search, budget {b}", x, *run_flipback(line, target, guide, x, y)))
+                print(rows[-1], flush=True)
+        if args.hsj:
+            start, ok, q, _ = run_flipback(FastAttack(), target, guide, x, y)
+            for setting in args.hsj.split(","):
+                iters, evals = (int(v) for v in setting.split("x"))
+                rows.append(row(f"ART HopSkipJump {iters} iterations, {evals} first evaluations", x,
+                                *run_hsj(target, x, y, start, q, ok, k, iters, evals)))
+                print(rows[-1], flush=True)
+    print(f"\n{len(x)} {args.split} errors, target answers: {output}\n")
+    print("| method | success | mean queries | median L2 | s/image |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {100 * r['success']:.2f}% | {r['mean_queries']:.2f} | {r['median_l2']:.4f} "
+              f"| {r['seconds_per_image']:.3f} |")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
