@@ -52,7 +52,7 @@ class MinimalAttack(CorrectiveAttack):
     def __init__(self, *, steps: int = 8, grid_steps: int = 6, first_scale: float = 1.5,
                  prune_steps: int = 2, prune_keep: float = 0.3, tolerance: float = 0.01, patience: int = 2,
                  alpha_max: float = 0.1, overshoot: float = 1.05, backtrack: float = 0.9,
-                 max_queries: int | None = None, black_box: str = "shrink", line_steps: int = 5,
+                 max_queries: int | None = None, black_box: str = "shrink", line_steps: int = 4,
                  rotate: float = 0.5, probes: int = 2, confidence: float = 4.0, pixels: str = "uint8"):
         super().__init__(pixels=pixels)
         if black_box not in BLACK_BOX:
