@@ -48,11 +48,14 @@ class FastAttack(CorrectiveAttack):
 
     def __init__(self, *, overshoot: float = 3.0, confidence: float = 4.0, step: float = 1 / 255,
                  inner_steps: int = 64, l2_rounds: int = 3, direction: str = "auto", max_queries: int = 20,
-                 pixels: str = "uint8"):
+                 stall: float = 0.25, patience: int = 2, pixels: str = "uint8"):
         super().__init__(pixels=pixels)
         self.overshoot = overshoot
         self.confidence, self.step, self.inner_steps = confidence, step, inner_steps
         self.l2_rounds, self.direction = l2_rounds, direction
+        # Free guide: an image stops after `patience` rounds in which its surrogate margin rose
+        # by no more than `stall` logits (it would only ask about much the same image again).
+        self.stall, self.patience = stall, patience
         self.max_queries = max_queries
 
     def run(self, oracle, guide, images, labels, ids=None, *, budget=None) -> AttackResult:
@@ -74,6 +77,8 @@ class FastAttack(CorrectiveAttack):
         want = torch.zeros(n, device=call.device)
         if call.guide.free:
             want[rows] = margin(call.guide.logits(call.x0[rows]), call.labels[rows]).clamp_min(0) + self.confidence
+        best = torch.full((n,), float("-inf"), device=call.device)  # the surrogate margin reached so far
+        stalled = torch.zeros(n, dtype=torch.long, device=call.device)
         active = rows
         for round_ in range(self.max_queries):
             has_budget = call.left(active) > 0
@@ -86,6 +91,12 @@ class FastAttack(CorrectiveAttack):
                 call.record(active, x, verdict)
                 oracle_gap = (-score_margin(log_probabilities(verdict.scores), call.labels[active])).clamp_min(0)
                 want[active] = torch.maximum(2 * want[active], reached + self.confidence) + oracle_gap
+                # An image whose surrogate margin stopped rising is saturated: further rounds
+                # would ask the target about much the same image, at 64 free steps each.
+                grew = reached > best[active] + self.stall
+                best[active] = torch.maximum(best[active], reached)
+                stalled[active] = torch.where(grew, 0, stalled[active] + 1)
+                given_up = stalled[active] >= self.patience
             else:
                 step = project_to_halfspace(grad, scale[active] * gap.clamp_min(1e-6),
                                             pixels255[active] + change[active], discrete=self.pixels == "uint8")
@@ -95,7 +106,8 @@ class FastAttack(CorrectiveAttack):
                 call.record(active, x, verdict)
                 grad, gap = grad_new.flatten(1) / 255, -smooth_margin(out, call.labels[active])
                 scale[active] *= 2
-            keep = ~verdict.ok
+                given_up = torch.zeros_like(verdict.ok)
+            keep = ~verdict.ok & ~given_up
             active, grad, gap = active[keep], grad[keep], gap[keep]
 
     def _strengthen(self, call: AttackCall, rows, x, want, round_: int):
