@@ -1,7 +1,7 @@
 """The black-box minimal-change frontier: median L2 against mean target queries.
 
     python benchmarks/frontier.py SURROGATE.th [--split test|train] [--limit N] [--budgets 2,5,10,20]
-        [--hsj 1x10,2x20] [--csv OUT.csv]                                    (needs ../shared)
+        [--hsj 1x10,2x20] [--csv OUT.csv] [--plot OUT.png]                   (needs ../shared)
 
 The public CIFAR-10 ResNet-20 is the target, used only through its answers (in process, scores
 or top-1 labels: the surrogate file says which it learned from). On its first N errors of the
@@ -58,10 +58,10 @@ def errors(split: str, limit: int, surrogate_meta: dict):
     return to_tensor(ds.images[idx]), torch.from_numpy(ds.labels[idx]).long(), ds.num_classes
 
 
-def row(name, x, corrected, success, queries, seconds):
+def row(family, setting, x, corrected, success, queries, seconds):
     l2 = (corrected - x).flatten(1).norm(dim=1)
     ok = success.bool()
-    return {"method": name, "images": len(x), "success": float(ok.float().mean()),
+    return {"method": family, "setting": setting, "images": len(x), "success": float(ok.float().mean()),
             "mean_queries": float(queries.float().mean()),
             "median_l2": float(l2[ok].median()) if ok.any() else float("nan"),
             "seconds_per_image": seconds / len(x)}
@@ -117,6 +117,33 @@ def run_hsj(target, x, y, start, start_queries, start_ok, k, iters, evals):
     return out, ok, queries, time.perf_counter() - t0
 
 
+def plot(rows, path, title):
+    """Two panels against mean queries (log scale): median L2, and success; one line per method family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families: dict[str, list] = {}
+    for r in rows:
+        families.setdefault(r["method"], []).append(r)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rs in families.items():
+        rs = sorted(rs, key=lambda r: r["mean_queries"])
+        q = [r["mean_queries"] for r in rs]
+        a.plot(q, [r["median_l2"] for r in rs], "o-", label=name)
+        b.plot(q, [100 * r["success"] for r in rs], "o-", label=name)
+    for ax, ylabel in ((a, "median L2 of the 8-bit change"), (b, "success (%)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("mean target queries per image")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("surrogate")
@@ -127,6 +154,7 @@ def main():
                     help="also the plain binary search at each budget")
     ap.add_argument("--hsj", default="", help="HopSkipJump settings ITERxEVALS, comma-separated (needs ART)")
     ap.add_argument("--csv")
+    ap.add_argument("--plot", help="write the frontier (success and median L2 against mean queries) to this PNG")
     args = ap.parse_args()
     torch.set_num_threads(2)
     surrogate = load_surrogate(args.surrogate)
@@ -136,25 +164,27 @@ def main():
     rows = []
     with load_blackbox(SPEC, k, output=output) as target:
         for b in [int(v) for v in args.budgets.split(",") if v]:
-            rows.append(row(f"flipback minimal, budget {b}", x,
+            rows.append(row("flipback minimal", f"budget {b}", x,
                             *run_flipback(MinimalAttack(max_queries=b), target, guide, x, y)))
             print(rows[-1], flush=True)
             if args.baseline:
                 line = MinimalAttack(max_queries=b, rotate=0, probes=0, prune_steps=0, line_steps=b)
-                rows.append(row(f"binary search, budget {b}", x, *run_flipback(line, target, guide, x, y)))
+                rows.append(row("binary search", f"budget {b}", x, *run_flipback(line, target, guide, x, y)))
                 print(rows[-1], flush=True)
         if args.hsj:
             start, ok, q, _ = run_flipback(FastAttack(), target, guide, x, y)
             for setting in args.hsj.split(","):
                 iters, evals = (int(v) for v in setting.split("x"))
-                rows.append(row(f"ART HopSkipJump {iters} iterations, {evals} first evaluations", x,
+                rows.append(row("ART HopSkipJump", f"{iters} iterations, {evals} first evaluations", x,
                                 *run_hsj(target, x, y, start, q, ok, k, iters, evals)))
                 print(rows[-1], flush=True)
     print(f"\n{len(x)} {args.split} errors, target answers: {output}\n")
-    print("| method | success | mean queries | median L2 | s/image |\n|---|---|---|---|---|")
+    print("| method | setting | success | mean queries | median L2 | s/image |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {100 * r['success']:.2f}% | {r['mean_queries']:.2f} | {r['median_l2']:.4f} "
+        print(f"| {r['method']} | {r['setting']} | {100 * r['success']:.2f}% | {r['mean_queries']:.2f} | {r['median_l2']:.4f} "
               f"| {r['seconds_per_image']:.3f} |")
+    if args.plot:
+        plot(rows, args.plot, f"{len(x)} ResNet-20 {args.split} errors, target answers: {output}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -189,7 +189,8 @@ def test_demo_trains_once_and_explains(tmp_path):
         summary = json.loads((out / mode / "summary.json").read_text())
         assert summary["mode"] == mode and summary["n_explained"] == 5
         assert (out / mode / "index.html").is_file()
-    assert json.loads((out / "black-box" / "summary.json").read_text())["surrogate_queries"] == 300
+    black = json.loads((out / "black-box" / "summary.json").read_text())
+    assert black["surrogate_queries"] == 300 and black["method"] == "minimal"  # transfer, then shrink
     res2 = runner.invoke(app, ["demo", "--data", str(folder), "--out", str(out), "--limit", "5"])
     assert res2.exit_code == 0 and "cached model" in res2.output and "cached surrogate" in res2.output
 

@@ -373,7 +373,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder written by exp
 def demo(
     data: Optional[str] = typer.Option(None, help="Fashion-MNIST IDX folder (default: Debian's dataset-fashion-mnist)."),
     out_dir: Path = typer.Option(Path("runs/demo"), "--out"),
-    method: str = typer.Option("minimal", help="The white-box method (the black-box half uses fast)."),
+    method: str = typer.Option("minimal", help="The white-box method (the black-box half uses minimal, with a one-CNN surrogate)."),
     limit: Optional[int] = typer.Option(None, help="Explain only the first N errors."),
     device: str = typer.Option("auto", help=_DEVICE_HELP + " (the explained model and the surrogate)"),
 ):

@@ -34,7 +34,7 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
     out_dir = Path(out_dir)
     resolve_device(device)  # a device that is not there: one clear error before any work
     if methods is None:
-        methods = ["paper", "fast", "minimal"] if mode == "white-box" else ["paper", "fast"]
+        methods = ["paper", "fast", "minimal"]  # both modes: black-box `minimal` shrinks with target queries
     if mode == "black-box" and surrogate is None and surrogate_init and surrogate_init.startswith("python:"):
         # Loading such a surrogate imports the code it names, which needs --trust-model; bench has none.
         raise FlipbackError("bench cannot start its surrogate from a python: model",

@@ -33,7 +33,8 @@ from ..errors import FlipbackError
 #: The default cap, as a fraction of the memory the process could use when the run starts.
 DEFAULT_FRACTION = 0.8
 #: Image-sized float32 tensors each method keeps per image (state, bounds, gradients, blurs).
-STATE_COPIES = {"paper": 12, "fast": 16, "minimal": 24, "regions": 40}
+#: `minimal` black-box with scores also keeps its last 24 asked changes (attacks/shrink.py).
+STATE_COPIES = {"paper": 12, "fast": 16, "minimal": 52, "regions": 40}
 #: The model's saved activations, times this: their gradients and the forward's temporaries.
 AUTOGRAD_FACTOR = 2.0
 #: Kept free of batches on the CPU (and MPS): what a run loads after the plan (SciPy,
