@@ -160,9 +160,15 @@ class MinimalAttack(CorrectiveAttack):
 
     def _transfer_and_shrink(self, call: AttackCall) -> AttackResult:
         """Black-box: a transfer correction at about one query, then every query left on
-        making it smaller, then pruning (each prune try a query)."""
-        everyone = torch.arange(len(call), device=call.device)
-        FastAttack(confidence=self.confidence, pixels=self.pixels).correct(call, everyone)
+        making it smaller."""
+        FastAttack(confidence=self.confidence, pixels=self.pixels).correct(call, torch.arange(len(call), device=call.device))
+        self.refine(call)
+        return call.result()
+
+    def refine(self, call: AttackCall) -> None:
+        """Shrink the verified corrections of an open call with the queries each image has
+        left: the line search first (it gains most per query), then the steps along the
+        boundary, keeping `prune_steps` queries for the pruning that ends it."""
         prune = self.prune_steps if self.pixels == "uint8" else 0
         fixed = call.success.nonzero().squeeze(1)
         if call.oracle.output == "scores" and self.probes:
@@ -171,7 +177,6 @@ class MinimalAttack(CorrectiveAttack):
             shrink(call, fixed, line_steps=self.line_steps, rotate=self.rotate, keep=prune)
         if prune and bool(call.success.any()):
             self._prune(call, call.x0.flatten(1) * 255, (-1, *call.x0.shape[1:]))
-        return call.result()
 
     def _prune(self, call: AttackCall, pixels255, shape) -> None:
         idx = call.success.nonzero().squeeze(1)

@@ -89,8 +89,9 @@ def shrink(call: AttackCall, rows: torch.Tensor, *, line_steps: int = 5, rounds:
         p = torch.round(p)
     n, dev = len(rows), call.device
     if line_steps:
+        # The line search gains most per query: `keep` applies only to the stages after it.
         _bisect(call, rows, p, current_change(call, rows), torch.zeros(n, device=dev), torch.ones(n, device=dev),
-                line_steps, keep)
+                line_steps)
     if not rotate:
         return
     beta = torch.full((n,), float(rotate), device=dev)
@@ -186,8 +187,8 @@ def estimate(call: AttackCall, rows: torch.Tensor, *, line_steps: int = 5, probe
     # The line search along the transferred change, its answers kept as measurements.
     start = current_change(call, rows)
     lo, hi = torch.zeros(n, device=dev), torch.ones(n, device=dev)
-    for _ in range(line_steps):
-        k = (call.left(rows) > keep).nonzero().squeeze(1)
+    for _ in range(line_steps):  # before anything is kept for later stages: it gains most per query
+        k = (call.left(rows) > 0).nonzero().squeeze(1)
         if len(k) == 0:
             break
         t = (lo[k] + hi[k]) / 2
