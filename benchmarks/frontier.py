@@ -171,6 +171,7 @@ def plot(rows, path, title):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     families: dict[str, list] = {}
     for r in rows:
@@ -183,6 +184,9 @@ def plot(rows, path, title):
         b.plot(q, [100 * r["success"] for r in rs], "o-", label=name)
     for ax, ylabel in ((a, "median L2 of the 8-bit change"), (b, "success (%)")):
         ax.set_xscale("log")
+        ax.set_xticks([2, 5, 10, 20, 50, 100])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("mean target queries per image")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
