@@ -26,8 +26,9 @@ An image leaves phase 1 once it is corrected and its best norm has not shrunk by
 Black-box, the guide is a surrogate, and two strategies are offered (`black_box`):
 - "shrink" (the default): correct with the `fast` attack's transfer steps (about one
   query), then shrink the verified change toward the original with the rest of the budget
-  (attacks/shrink.py: line search, then rotations toward the surrogate's normal, each try a
-  target query), and prune. The default budget is 20 queries per image.
+  (attacks/shrink.py: a line search; then, with scores, steps along the target's gradient as
+  estimated from its answers, with labels only, rotations toward the surrogate's normal;
+  each try a target query), and prune. The default budget is 20 queries per image.
 - "boundary": phases 1-3 above with the surrogate's boundary standing in for the target's
   (phase 1 free, every try of phases 2 and 3 a target query). With `--pixels float` the best
   float point is verified by one target query.

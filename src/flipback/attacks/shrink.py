@@ -11,9 +11,10 @@ oracle says it is still correct and it is smaller (L2) than the best so far:
    - With scores (`estimate`): every answer is a measurement of the target's margin, so the
      target's own gradient is estimated in the span of the changes asked so far (least
      squares), as in the prior-guided gradient estimates of P-RGF (Cheng et al. 2019) and
-     qFool (Liu et al. 2019). Each round probes along the surrogate's normal and a random
-     low-frequency direction, then asks for the smallest change that the estimated linear
-     margin says is correct; a wrong guess is one more measurement.
+     qFool (Liu et al. 2019). Each round probes along the surrogate's normals toward the
+     target's strongest rival classes, then asks for a step toward the smallest change that
+     the fitted linear margin says is correct (a trust region); a wrong guess is one more
+     measurement.
    - With labels only (`rotate`), in the spirit of HopSkipJump (Chen et al. 2020) with the
      surrogate's gradient where it estimates the target's by sampling: from a point just
      inside the target's boundary, the change is rotated toward the surrogate's normal at the
@@ -148,9 +149,9 @@ def estimate(call: AttackCall, rows: torch.Tensor, *, line_steps: int = 5, probe
              keep: int = 0) -> None:
     """Scores only: shrink the verified corrections of `rows` with the target's gradient as
     estimated from its answers. First `line_steps` of line search back along the change; then
-    each round asks `probes` points around the best change
-    (along the surrogate's normal, then random low-frequency directions, each `probe_size`
-    times the change's length), fits the target's margin as linear in the span of every change
+    each round asks `probes` points around the best change (along the surrogate's normals
+    toward the target's strongest rival classes, random smooth directions where there are
+    fewer classes; each `probe_size` times the change's length), fits the target's margin as linear in the span of every change
     asked (the last `memory` of them), and asks for the smallest change whose fitted margin
     is `aim`, or a share `reach` of the way there (adapted per image). Keeps each answer that
     is correct and smaller; `keep` queries per image are left."""
