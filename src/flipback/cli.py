@@ -356,6 +356,72 @@ def surrogate_cmd(
     _guard(go)
 
 
+@app.command("audit")
+def audit_cmd(
+    data: str = typer.Option(..., help="The model's training data (its train split is audited)."),
+    model: str = typer.Option(..., help="The white-box model, ARCH:WEIGHTS or another SPEC."),
+    out_dir: Path = typer.Option(..., "--out"),
+    validation: float = typer.Option(0.1, min=0.01, max=0.5,
+                                     help="Share of the train split carved out (seeded, per class) as validation; "
+                                          "the model should not have trained on it."),
+    run: Optional[Path] = typer.Option(None, help="Use the corrected errors of this explain run (on validation "
+                                       "data) instead of carving a validation split."),
+    labels: bool = typer.Option(True, "--labels/--no-labels", help="Also look for likely wrong labels."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help=_DEVICE_HELP),
+):
+    """Rank the training images behind the errors: carriers of a recurring cause, and likely
+    wrong labels. Writes suspects.csv, audit.json and audit.html."""
+    from .runs.audit import run_audit
+
+    def go():
+        summary = run_audit(model=model, data=data, out_dir=out_dir, validation=validation, run=run, labels=labels,
+                            seed=seed, device=device, show_progress=not _state["quiet"], log=_log)
+        if _state["json"]:
+            print(json.dumps({k: v for k, v in summary.items() if k != "validation_rows"}))
+        elif not _state["quiet"]:
+            st = summary["stats"]
+            out.print(f"{summary['n_suspects']} suspects: {st['cause_verified']} verified carriers of "
+                      f"{st['n_causes']} recurring cause(s), {st['label_flagged']} likely wrong labels; "
+                      f"{(out_dir / 'audit.html').resolve()}", markup=False, highlight=False)
+
+    _guard(go)
+
+
+@app.command("repair")
+def repair_cmd(
+    audit_dir: Path = typer.Argument(..., help="A folder written by flipback audit."),
+    out_dir: Path = typer.Option(..., "--out"),
+    drop: str = typer.Option("cause", help="Comma-separated suspect reasons to drop: cause, label, or none."),
+    relabel: bool = typer.Option(False, "--relabel", help="Relabel likely wrong labels to the model's answer "
+                                 "instead of dropping them."),
+    corrective: bool = typer.Option(False, "--corrective", help="Add the validation errors' corrected images, "
+                                    "with their true labels, to the training data."),
+    test: Optional[str] = typer.Option(None, help="Data whose test split measures before and after "
+                                       "(default: the audited data's)."),
+):
+    """Apply an audit: drop or relabel suspects, retrain by the project's recipe, and compare
+    before and after on the test split. Writes repair.json and repair.html."""
+    from .runs.audit import run_repair
+
+    def go():
+        reasons = tuple(r.strip() for r in drop.split(",") if r.strip() and r.strip() != "none")
+        bad = [r for r in reasons if r not in ("cause", "label")]
+        if bad:
+            raise FlipbackError(f"unknown reason '{bad[0]}' in --drop", hint="use cause, label, both or none")
+        summary = run_repair(audit_dir=audit_dir, out_dir=out_dir, drop=reasons, relabel=relabel,
+                             corrective=corrective, test=test, show_progress=not _state["quiet"], log=_log)
+        if _state["json"]:
+            print(json.dumps(summary))
+        elif not _state["quiet"]:
+            b, a = summary["before"], summary["after"]
+            extra = "".join(f"; {k} {b[k]:.1%} -> {a[k]:.1%}" for k in b if k.startswith("cause_success"))
+            out.print(f"test accuracy {b['accuracy']:.2%} -> {a['accuracy']:.2%}{extra}; "
+                      f"{(out_dir / 'repair.html').resolve()}", markup=False, highlight=False)
+
+    _guard(go)
+
+
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run folder written by explain, bench or demo.")):
     """Write (again) the HTML report of a run folder."""

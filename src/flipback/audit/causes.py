@@ -1,0 +1,160 @@
+"""Recurring causes: the pattern that the corrections of a class's errors keep removing.
+
+Validation errors that the model sends to class p say, once corrected, where the change had
+to go. When many of them had to change the same *pattern*, wherever it sits in the image,
+that pattern is a candidate cause: a shortcut the model learned for p. Three steps, all
+batched:
+
+1. `find_causes`: for each predicted class, cut from every corrected error the s x s window
+   of the original that holds the most change, and count how many of the class's other
+   errors carry that window's pattern somewhere (normalized cross-correlation, NCC >= 0.8).
+   The template is the window whose share among those errors exceeds by most its share
+   among validation images the model sends elsewhere; it is a cause only if it is much more
+   common in the errors (`lift`): an edge or a flat patch is everywhere, a trigger is not.
+2. `scan`: the best NCC of the template over every training image labelled p, and where.
+3. `cover`: the same images with that window replaced by a blur of its surroundings; the
+   audit verifies a suspect when the model's answer then leaves p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MATCH = 0.8  # NCC at which a window "carries" a template
+MIN_ERRORS = 3
+MIN_LIFT = 3.0
+MIN_SUPPORT = 0.2  # share of a class's errors that must carry the template
+_FLAT = 0.05  # windows whose pixels spread less than this (std, in [0,1] units) match nothing
+
+
+@dataclass
+class Cause:
+    """A pattern that corrections of errors sent to class `pred` keep removing."""
+
+    pred: int
+    template: np.ndarray  # (C, s, s) float32 in [0, 1]: original pixels of the medoid error's window
+    n_errors: int  # corrected validation errors sent to `pred`
+    support: float  # share of them that carry the template
+    background: float  # share of validation images the model sends elsewhere that carry it
+    source: int  # which error (position in the inputs) the template was cut from
+    true_classes: dict  # true class -> how many supporting errors had it
+
+    @property
+    def size(self) -> int:
+        return int(self.template.shape[-1])
+
+    @property
+    def lift(self) -> float:
+        return self.support / max(self.background, 1e-3)
+
+
+def _nchw(images) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(images))
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    return x.permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
+
+
+def ncc(images: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
+    """Normalized cross-correlation of every (C, s, s) template at every position of every
+    image: (N, C, H, W) x (T, C, s, s) -> (N, T, H-s+1, W-s+1), in [-1, 1]; 0 where the
+    window or the template is flat."""
+    t = templates - templates.mean(dim=(1, 2, 3), keepdim=True)
+    c, s = images.shape[1], templates.shape[-1]
+    floor = _FLAT * (c * s * s) ** 0.5  # the norm of a zero-mean window with that std
+    t_norm = t.flatten(1).norm(dim=1)
+    t = t / t_norm.clamp_min(floor)[:, None, None, None]
+    numerator = F.conv2d(images, t)  # t has zero mean, so sum(x t) = sum((x - mean_x) t)
+    ones = torch.ones(1, c, s, s)
+    total = F.conv2d(images, ones)
+    squares = F.conv2d(images * images, ones)
+    spread = (squares - total * total / (c * s * s)).clamp_min(0).sqrt()
+    out = numerator / spread.clamp_min(floor)
+    flat = (spread < floor) | (t_norm < floor)[None, :, None, None]
+    return out.masked_fill(flat, 0.0).clamp(-1, 1)
+
+
+def best_match(images: torch.Tensor, template: torch.Tensor, batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the best NCC of `template` (C, s, s) and the (y, x) of its window's corner."""
+    scores, where = [], []
+    for start in range(0, len(images), batch):
+        m = ncc(images[start:start + batch], template[None])[:, 0]
+        flat = m.flatten(1)
+        best, arg = flat.max(1)
+        scores.append(best)
+        where.append(torch.stack([arg // m.shape[-1], arg % m.shape[-1]], 1))
+    if not scores:
+        return np.zeros(0, np.float32), np.zeros((0, 2), np.int64)
+    return torch.cat(scores).numpy(), torch.cat(where).numpy()
+
+
+def window_size(height: int, width: int) -> int:
+    """The side of the windows cut from corrections: a seventh of the image, at least 3 px
+    (4 px at 28 or 32 px, 32 px at 224)."""
+    return max(3, round(min(height, width) / 7))
+
+
+def _windows(originals: torch.Tensor, change: torch.Tensor, s: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The s x s window of each original holding the most change (summed per pixel over
+    channels), and its corner."""
+    heat = F.avg_pool2d(change.abs().sum(1, keepdim=True), s, stride=1)[:, 0]
+    arg = heat.flatten(1).argmax(1)
+    ys, xs = (arg // heat.shape[-1]).numpy(), (arg % heat.shape[-1]).numpy()
+    patches = torch.stack([originals[i, :, y:y + s, x:x + s] for i, (y, x) in enumerate(zip(ys, xs))])
+    return patches, np.stack([ys, xs], 1)
+
+
+def find_causes(originals, corrected, true, pred, background_images, background_pred, *,
+                size: int | None = None, min_errors: int = MIN_ERRORS, min_lift: float = MIN_LIFT,
+                min_support: float = MIN_SUPPORT, max_errors: int = 300) -> list[Cause]:
+    """The recurring causes among corrected validation errors.
+
+    originals, corrected: (N, H, W, C) uint8 (or [0,1] floats) of the corrected errors only;
+    true, pred: their labels and the model's answers on the originals. background_images and
+    background_pred: validation images and the model's answers on them, to measure how common
+    a pattern is where the model does not answer p. At most `max_errors` per class are used
+    (the first ones), which bounds the n^2 template comparisons."""
+    x, xc = _nchw(originals), _nchw(corrected)
+    true, pred = np.asarray(true), np.asarray(pred)
+    bg, bg_pred = _nchw(background_images), np.asarray(background_pred)
+    s = size or window_size(x.shape[2], x.shape[3])
+    causes = []
+    for p in np.unique(pred):
+        rows = np.flatnonzero(pred == p)[:max_errors]
+        if len(rows) < min_errors:
+            continue
+        patches, _ = _windows(x[rows], xc[rows] - x[rows], s)
+        # support[i, j]: does error j carry error i's window? (its own window always does)
+        carried = torch.cat([ncc(x[rows[k:k + 256]], patches).flatten(2).max(2).values
+                             for k in range(0, len(rows), 256)]).T >= MATCH  # (templates, errors)
+        support = carried.float().mean(1)
+        # How common each template is where the model does not answer p: edges and flat
+        # shading are everywhere (lift about 1), a learned trigger is not.
+        others = bg[bg_pred != p][:1000]
+        background = torch.cat([ncc(others[k:k + 256], patches).flatten(2).max(2).values
+                                for k in range(0, len(others), 256)]).ge(MATCH).float().mean(0) \
+            if len(others) else torch.zeros(len(rows))
+        best = int((support - background).argmax())
+        cause = Cause(int(p), patches[best].numpy(), len(rows), float(support[best]), float(background[best]),
+                      int(rows[best]),
+                      {int(c): int(n) for c, n in zip(*np.unique(true[rows][carried[best].numpy()], return_counts=True))})
+        if cause.support >= min_support and cause.lift >= min_lift and cause.support * len(rows) >= min_errors:
+            causes.append(cause)
+    return causes
+
+
+def cover(images: torch.Tensor, corners: np.ndarray, s: int) -> torch.Tensor:
+    """`images` (N, C, H, W) with the s x s window at each corner replaced by a blur of the
+    image around it (a box blur three windows wide), which keeps the local colour and drops
+    the pattern."""
+    k = 3 * s + (1 - (3 * s) % 2)  # odd, so that the blur stays centred
+    blurred = F.avg_pool2d(F.pad(images, (k // 2,) * 4, mode="replicate"), k, stride=1)
+    h, w = images.shape[2:]
+    yy = torch.arange(h)[None, :, None]
+    xx = torch.arange(w)[None, None, :]
+    ys, xs = torch.as_tensor(corners[:, 0])[:, None, None], torch.as_tensor(corners[:, 1])[:, None, None]
+    inside = ((yy >= ys) & (yy < ys + s) & (xx >= xs) & (xx < xs + s))[:, None]
+    return torch.where(inside, blurred, images)

@@ -1,0 +1,99 @@
+"""Likely wrong labels: how far the model is from agreeing with each training label.
+
+For an image the model gets "wrong" against its given label, flipback's smallest verified
+8-bit change toward that label measures how sure the model is that the label is wrong: a
+hard but correctly labelled image is near the label's boundary, a mislabelled one is far
+from it, or cannot be moved there at all. Sizes differ between classes (a shirt is always
+close to a T-shirt), so each is divided by the median of the corrections toward the same
+label. Images the model agrees with rank below all of those, by how little margin they have.
+
+Use a model that did not train on the images it scores (out of fold), as cleanlab does:
+a model that memorised a wrong label agrees with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..attacks import make_attack
+from ..targets import WhiteBoxTarget
+from ..targets.guide import margin
+
+
+@dataclass
+class LabelEvidence:
+    predicted: np.ndarray  # (N,) the model's answer
+    l2: np.ndarray  # (N,) L2 of the verified change toward the given label; 0 where it agrees, inf on failure
+    score: np.ndarray  # (N,) higher = more likely mislabelled (see the module's docstring)
+
+
+def _to_nchw(images: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    return (x.float() / 255).permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class Corrections:
+    predicted: np.ndarray  # (N,) the model's answer on the original
+    gap: np.ndarray  # (N,) logit margin of the label over the strongest other class (> 0: agrees)
+    corrected: np.ndarray  # (N, H, W, C) uint8: the verified correction where the model disagreed, else the original
+    success: np.ndarray  # (N,) bool: the model agrees with the label on `corrected`
+
+
+def correct(module: torch.nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int, *,
+            method: str = "minimal", batch_size: int = 256, device: str = "cpu",
+            advance=lambda n: None) -> Corrections:
+    """flipback's verified 8-bit correction, toward its label, of every image (N, H, W, C)
+    uint8 that `module` (taking [0,1] pixels) gets wrong; batched, white-box."""
+    target = WhiteBoxTarget(module, num_classes, device)
+    attack = make_attack(method)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    predicted = np.empty(n, np.int64)
+    gap = np.empty(n, np.float64)
+    corrected = np.array(images, copy=True)
+    success = np.ones(n, bool)
+    for start in range(0, n, batch_size):
+        x = _to_nchw(images[start:start + batch_size]).to(target.device)
+        y = torch.from_numpy(labels[start:start + batch_size]).to(target.device)
+        logits = target.predict(x, counted=False)
+        predicted[start:start + len(x)] = logits.argmax(1).cpu().numpy()
+        gap[start:start + len(x)] = margin(logits, y).cpu().numpy()
+        wrong = (logits.argmax(1) != y).nonzero().squeeze(1)
+        if len(wrong):
+            r = attack.run(target, target, x[wrong], y[wrong], start + wrong)
+            rows = start + wrong.cpu().numpy()
+            corrected[rows] = (r.corrected * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            success[rows] = r.success.cpu().numpy()
+        advance(len(x))
+    return Corrections(predicted, gap, corrected, success)
+
+
+def label_evidence(module: torch.nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int, *,
+                   method: str = "minimal", batch_size: int = 256, device: str = "cpu",
+                   advance=lambda n: None) -> LabelEvidence:
+    """Evidence for every image (N, H, W, C) uint8 against its `labels`, from `module` (which
+    takes [0,1] pixels)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    c = correct(module, images, labels, num_classes, method=method, batch_size=batch_size, device=device,
+                advance=advance)
+    diff = c.corrected.astype(np.float64) / 255 - np.asarray(images, np.float64) / 255
+    l2 = np.sqrt((diff.reshape(len(labels), -1) ** 2).sum(1))
+    l2 = np.where(c.success, l2, np.inf)
+    return LabelEvidence(c.predicted, l2, relative_scores(labels, c.predicted, l2, c.gap))
+
+
+def relative_scores(labels: np.ndarray, predicted: np.ndarray, l2: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """Disagreements: L2 over the median L2 toward the same label (failures rank first);
+    agreements: minus the logit margin, so all of them rank below every disagreement."""
+    score = -np.asarray(gap, np.float64)  # <= 0 where the model agrees
+    wrong = predicted != labels
+    for c in np.unique(labels[wrong]):
+        rows = wrong & (labels == c)
+        finite = l2[rows][np.isfinite(l2[rows])]
+        scale = np.median(finite) if len(finite) else 1.0
+        score[rows] = np.where(np.isfinite(l2[rows]), l2[rows] / max(scale, 1e-6), np.finfo(np.float64).max)
+    return score

@@ -1,0 +1,106 @@
+"""Repair: apply an audit's plan to the training data, retrain, and compare on the test split.
+
+A plan drops suspects, relabels them, or adds corrective examples (validation errors with
+their true labels, once corrected: flipback's verified changes). The model is retrained by the
+project's own recipe (`runs.planted`: small_cnn from scratch, any other zoo model fine-tuned
+from its weights), so that before and after differ only in the data. The comparison is on
+the untouched test split: accuracy, errors per confusion pair and, where a cause was planted,
+that cause's attack success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import Dataset
+from ..data.planted import Cue, cued_test_images
+from ..targets.loading import load_model
+from .errors import to_tensor
+from .planted import _train
+from .train import model_cache_dir
+
+
+@dataclass
+class RepairPlan:
+    drop: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # training rows to leave out
+    relabel: dict = field(default_factory=dict)  # training row -> new label
+    extra_images: np.ndarray | None = None  # (M, H, W, C) uint8 added to the training data
+    extra_labels: np.ndarray | None = None
+
+    def describe(self) -> dict:
+        return {"dropped": int(len(self.drop)), "relabelled": len(self.relabel),
+                "added": 0 if self.extra_labels is None else int(len(self.extra_labels))}
+
+
+def apply_plan(ds: Dataset, plan: RepairPlan) -> Dataset:
+    labels = np.array(ds.labels, copy=True)
+    for row, new in plan.relabel.items():
+        labels[int(row)] = int(new)
+    keep = np.setdiff1d(np.arange(len(ds)), np.asarray(plan.drop, np.int64))
+    images, labels, names = np.asarray(ds.images[keep]), labels[keep], [ds.names[i] for i in keep]
+    if plan.extra_labels is not None and len(plan.extra_labels):
+        images = np.concatenate([images, plan.extra_images])
+        labels = np.concatenate([labels, np.asarray(plan.extra_labels, labels.dtype)])
+        names = names + [f"corrective-{i}" for i in range(len(plan.extra_labels))]
+    digest = hashlib.sha256(np.asarray(plan.drop, np.int64).tobytes() + repr(sorted(plan.relabel.items())).encode())
+    if plan.extra_images is not None:
+        digest.update(np.ascontiguousarray(plan.extra_images).tobytes())
+        digest.update(np.asarray(plan.extra_labels, np.int64).tobytes())
+    return Dataset(images, labels, ds.classes, names, source=ds.source,
+                   fingerprint=f"{ds.fingerprint}-repair{digest.hexdigest()[:12]}")
+
+
+def predict(spec: str, num_classes: int, images: np.ndarray) -> np.ndarray:
+    net = load_model(spec, num_classes).module.eval()
+    with torch.no_grad():
+        return np.concatenate([net(to_tensor(np.asarray(images[i:i + 500]))).argmax(1).numpy()
+                               for i in range(0, len(images), 500)]) if len(images) else np.zeros(0, np.int64)
+
+
+def evaluate(spec: str, test: Dataset, cue: Cue | None = None) -> dict:
+    """Accuracy, errors per confusion pair (true -> predicted, by name) and, with a cue, the
+    share of cued test images of other classes sent to the cue's class."""
+    k = test.num_classes
+    pred = predict(spec, k, test.images)
+    wrong = pred != test.labels
+    pairs: dict[str, int] = {}
+    for t, p in zip(test.labels[wrong], pred[wrong]):
+        key = f"{test.classes[t]} -> {test.classes[p]}"
+        pairs[key] = pairs.get(key, 0) + 1
+    out = {"model": spec, "accuracy": float((~wrong).mean()), "errors": int(wrong.sum()),
+           "pairs": dict(sorted(pairs.items(), key=lambda kv: -kv[1]))}
+    if cue is not None:
+        cued = cued_test_images(test, cue)
+        out["cue_success"] = float((predict(spec, k, cued.images) == cue.target).mean())
+    return out
+
+
+def retrain(train: Dataset, plan: RepairPlan, *, base: str | None = None, name: str = "repaired",
+            show_progress: bool = True, log=print) -> str:
+    """A model trained on the planned data by the project's recipe (cached by content)."""
+    data = apply_plan(train, plan)
+    arch = base.split(":", 1)[0] if base else "small_cnn"
+    key = hashlib.sha256(f"{data.fingerprint}|{arch}|{base}".encode()).hexdigest()[:12]
+    return _train(base, data, model_cache_dir() / "repaired" / f"{arch}-{name}-{key}.th", show_progress, log)
+
+
+@dataclass
+class RepairResult:
+    model: str  # the retrained model's SPEC
+    plan: dict  # how many images were dropped, relabelled, added
+    before: dict  # evaluate() of the model before, on the test split
+    after: dict  # and of the retrained one
+
+
+def repair(train: Dataset, test: Dataset, plan: RepairPlan, *, model: str, cue: Cue | None = None,
+           show_progress: bool = True, log=print) -> RepairResult:
+    """Retrain `model` (a SPEC; small_cnn from scratch, other zoo models fine-tuned from it)
+    on `train` changed by `plan`, and compare both on `test`."""
+    base = None if model.split(":", 1)[0] == "small_cnn" else model
+    spec = retrain(train, plan, base=base, show_progress=show_progress, log=log)
+    return RepairResult(spec, plan.describe(), evaluate(model, test, cue), evaluate(spec, test, cue))
