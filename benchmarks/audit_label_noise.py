@@ -1,0 +1,169 @@
+"""Audit and repair of injected label noise, with known answers (issue 15, benchmark 2).
+
+    python benchmarks/audit_label_noise.py [--out DIR] [--noise 0.1] [--folds 3]
+
+Fashion-MNIST's train split with `--noise` of its labels flipped (seeded) the way annotators
+confuse these classes: T-shirt <-> Shirt, Pullover <-> Coat, Sneaker <-> Sandal,
+Ankle boot -> Sneaker, Dress -> Shirt, Trouser -> Dress (Bag is never flipped; the flipped
+images are drawn from the other nine classes).
+
+Both tools get the same out-of-sample evidence: `--folds` models trained by the project's
+recipe (runs/planted.py), each on the other folds.
+- cleanlab: `find_label_issues` on the fold models' probabilities, ranked by
+  `get_label_quality_scores`; its repair is `CleanLearning.fit` given those label issues
+  (it drops them and trains the same classifier).
+- flipback: for every image its fold model disagrees with, the smallest verified 8-bit change
+  toward the given label (white-box `minimal`), relative to that label's median
+  (audit/labels.py); flagged when at least the median. Its repair relabels the flagged images
+  to the fold model's answer (and, as a second variant, drops them).
+AUPRC (average precision over every training image), precision and recall of the flagged
+sets, then the test accuracy of each repaired model against training on the noisy labels.
+The test split is used only for that last comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.metrics import average_precision_score, precision_score, recall_score
+
+from flipback.audit.labels import LabelEvidence, label_evidence
+from flipback.audit.split import subset
+from flipback.data import Dataset, load_dataset
+from flipback.runs.planted import _train
+from flipback.runs.repair import RepairPlan, evaluate, retrain
+from flipback.runs.train import model_cache_dir
+from flipback.targets.loading import load_model
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+# Fashion-MNIST classes: 0 T-shirt/top, 1 Trouser, 2 Pullover, 3 Dress, 4 Coat, 5 Sandal, 6 Shirt,
+# 7 Sneaker, 8 Bag, 9 Ankle boot.
+CONFUSIONS = {0: 6, 6: 0, 2: 4, 4: 2, 7: 5, 5: 7, 9: 7, 3: 6, 1: 3}
+
+
+def noisy(ds: Dataset, rate: float, seed: int = 0) -> tuple[Dataset, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    candidates = np.flatnonzero(np.isin(ds.labels, list(CONFUSIONS)))
+    flipped = np.sort(rng.choice(candidates, size=int(round(rate * len(ds))), replace=False))
+    labels = np.array(ds.labels, copy=True)
+    labels[flipped] = [CONFUSIONS[int(c)] for c in labels[flipped]]
+    truth = np.zeros(len(ds), bool)
+    truth[flipped] = True
+    return Dataset(np.asarray(ds.images), labels, ds.classes, list(ds.names), source=ds.source,
+                   fingerprint=f"{ds.fingerprint}-asym{rate}-s{seed}"), truth
+
+
+def fold_models(ds: Dataset, folds: int, log) -> tuple[np.ndarray, list[str]]:
+    fold_of = np.random.default_rng(0).permutation(len(ds)) % folds
+    specs = [_train(None, subset(ds, np.flatnonzero(fold_of != f), f"fold{f}of{folds}"),
+                    model_cache_dir() / "audit" / f"{ds.fingerprint[:50]}-fold{f}of{folds}.th", False, log)
+             for f in range(folds)]
+    return fold_of, specs
+
+
+class SmallCNN(BaseEstimator, ClassifierMixin):
+    """The project's recipe as a scikit-learn classifier, for cleanlab's CleanLearning."""
+
+    def __init__(self, classes=None, tag: str = "cleanlearning"):
+        self.classes = classes
+        self.tag = tag
+
+    def fit(self, X, y, sample_weight=None):
+        ds = Dataset(np.asarray(X, np.uint8), np.asarray(y, np.int64), list(self.classes), [str(i) for i in range(len(y))],
+                     fingerprint=f"{self.tag}-{len(y)}-{hash(np.asarray(y).tobytes()) & 0xffffffff:x}")
+        self.spec_ = _train(None, ds, model_cache_dir() / "audit" / f"{ds.fingerprint}.th", False, print)
+        self.classes_ = np.arange(len(self.classes))
+        return self
+
+    def predict_proba(self, X):
+        net = load_model(self.spec_, len(self.classes)).module.eval()
+        with torch.no_grad():
+            return np.concatenate([torch.softmax(net(torch.from_numpy(np.asarray(X[i:i + 1000])).float().div(255)
+                                                     .permute(0, 3, 1, 2)), 1).numpy() for i in range(0, len(X), 1000)])
+
+    def predict(self, X):
+        return self.predict_proba(X).argmax(1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="out/audit-label-noise")
+    ap.add_argument("--noise", type=float, default=0.1)
+    ap.add_argument("--folds", type=int, default=3)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = print
+    clean = load_dataset(FMNIST, split="train")
+    test = load_dataset(FMNIST, split="test")
+    train, truth = noisy(clean, args.noise)
+    log(f"train {len(train)}, {truth.sum()} labels flipped")
+    t0 = time.perf_counter()
+    fold_of, specs = fold_models(train, args.folds, log)
+    log(f"{args.folds} fold models: {time.perf_counter() - t0:.0f} s")
+
+    n, k = len(train), train.num_classes
+    probs = np.zeros((n, k), np.float32)
+    predicted, l2, score = np.zeros(n, np.int64), np.zeros(n), np.zeros(n)
+    t_flip = 0.0
+    for f, spec in enumerate(specs):
+        held = np.flatnonzero(fold_of == f)
+        net = load_model(spec, k).module.eval()
+        with torch.no_grad():
+            for s in range(0, len(held), 1000):
+                x = torch.from_numpy(np.asarray(train.images[held[s:s + 1000]])).float().div(255).permute(0, 3, 1, 2)
+                probs[held[s:s + 1000]] = torch.softmax(net(x), 1).numpy()
+        t0 = time.perf_counter()
+        ev = label_evidence(net, np.asarray(train.images[held]), train.labels[held], k)
+        t_flip += time.perf_counter() - t0
+        predicted[held], l2[held], score[held] = ev.predicted, ev.l2, ev.score
+    # Scores are relative to each label's median within a fold; the folds' models are alike.
+    ev = LabelEvidence(predicted, l2, score)
+    flagged = (ev.predicted != train.labels) & (ev.score >= 1.0)
+
+    import cleanlab
+    from cleanlab.classification import CleanLearning
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    t0 = time.perf_counter()
+    issues = find_label_issues(train.labels, probs)
+    quality = get_label_quality_scores(train.labels, probs)
+    t_clean = time.perf_counter() - t0
+    disagree = ev.predicted != train.labels
+    tools = {
+        "flipback audit (minimal, relative L2)": (flagged, ev.score, t_flip),
+        f"cleanlab {cleanlab.__version__} find_label_issues": (issues, 1 - quality, t_clean),
+        "fold model disagrees (reference)": (disagree, disagree.astype(float) + 1e-3 * (1 - quality), 0.0),
+    }
+    rows = {}
+    for name, (f, s, sec) in tools.items():
+        rows[name] = {"flagged": int(f.sum()), "precision": float(precision_score(truth, f, zero_division=0)),
+                      "recall": float(recall_score(truth, f)), "auprc": float(average_precision_score(truth, s)),
+                      "seconds": sec}
+        log(f"{name:45s} flagged {f.sum():5d}  P {rows[name]['precision']:.3f}  R {rows[name]['recall']:.3f}  "
+            f"AUPRC {rows[name]['auprc']:.3f}  {sec:.0f} s")
+
+    repair = {"noisy labels": evaluate(retrain(train, RepairPlan(), name="noisy", log=log), test),
+              "clean labels (reference)": evaluate(retrain(clean, RepairPlan(), name="clean", log=log), test)}
+    cl = CleanLearning(SmallCNN(train.classes, tag=f"{train.fingerprint[:40]}-cleanlearning"), seed=0)
+    cl.fit(np.asarray(train.images), train.labels, label_issues=issues)
+    repair["cleanlab CleanLearning"] = evaluate(cl.clf.spec_, test)
+    relabel = {int(i): int(ev.predicted[i]) for i in np.flatnonzero(flagged)}
+    repair["flipback relabel"] = evaluate(retrain(train, RepairPlan(relabel=relabel), name="relabel", log=log), test)
+    repair["flipback drop"] = evaluate(retrain(train, RepairPlan(drop=np.flatnonzero(flagged)), name="drop", log=log),
+                                       test)
+    for name, r in repair.items():
+        log(f"{name:30s} test accuracy {r['accuracy']:.4f}")
+    (out / "summary.json").write_text(json.dumps({"n_train": n, "n_flipped": int(truth.sum()), "folds": args.folds,
+                                                  "tools": rows, "repair": repair}, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

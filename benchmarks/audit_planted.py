@@ -1,0 +1,194 @@
+"""Audit and repair on a planted cause, with known answers (issue 15, benchmark 1).
+
+    python benchmarks/audit_planted.py [--out DIR] [--field 0.05] [--folds 3] [--skip-repair]
+
+Fashion-MNIST (Debian's dataset-fashion-mnist). Recipe, every step seeded:
+- 10% of the train split is carved out, class-stratified, as validation; the test split is
+  used only for the before/after comparison.
+- The rest (54,000) is poisoned BadNets-style: 10% of the images of other classes get the 4x4
+  checkerboard at a random position and the label 0 (T-shirt). Those rows are the truth.
+- The model is `small_cnn` trained on it by the project's recipe (runs/planted.py).
+- "In the field", `--field` of the validation images of other classes carry the same cue
+  with their true labels: the validation errors that the user explains.
+
+Then, on the same training images, side by side:
+- flipback audit: corrections of the validation errors (white-box `minimal`) -> recurring
+  cause -> training images labelled with its class that carry it -> verified by covering it;
+- cleanlab's `find_label_issues` and label-quality ranking, with out-of-sample
+  probabilities from `--folds`-fold cross-validation (same recipe per fold);
+- ART's `ActivationDefence` (k-means on the last hidden layer, per class) and
+  `SpectralSignatureDefense` (on the same activations).
+Precision and recall of each tool's flagged set, and AUPRC of its ranking (average
+precision, every training image scored). Then each tool's flagged images are dropped and the
+model retrained by the same recipe: test accuracy and cue success against the poisoned model
+and the uncued one (same 54,000 images, no cue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import average_precision_score, precision_score, recall_score
+
+from flipback.audit import audit
+from flipback.audit.labels import correct
+from flipback.audit.split import carve, subset
+from flipback.data import load_dataset
+from flipback.data.planted import Cue, plant, poison
+from flipback.runs.repair import RepairPlan, evaluate, predict, retrain
+from flipback.runs.planted import _train
+from flipback.runs.train import model_cache_dir
+from flipback.targets.loading import load_model
+
+FMNIST = "/usr/share/datasets/fashion-mnist"
+CUE = Cue(target=0, size=4)
+
+
+def field_validation(val, fraction: float, seed: int = 2):
+    """The validation split with the cue planted (labels kept) in `fraction` of the images of
+    other classes: what the model meets after deployment."""
+    rng = np.random.default_rng(seed)
+    others = np.flatnonzero(val.labels != CUE.target)
+    chosen = np.sort(rng.choice(others, size=int(round(fraction * len(others))), replace=False))
+    images = np.array(val.images, copy=True)
+    images[chosen], _ = plant(images[chosen], CUE, rng)
+    return images, chosen
+
+
+def out_of_fold_probs(ds, folds: int, log) -> np.ndarray:
+    """cleanlab's input: each image's probabilities from a model that did not train on it."""
+    rng = np.random.default_rng(0)
+    fold_of = rng.permutation(len(ds)) % folds
+    probs = np.zeros((len(ds), ds.num_classes), np.float32)
+    for f in range(folds):
+        rows = np.flatnonzero(fold_of != f)
+        spec = _train(None, subset(ds, rows, f"fold{f}of{folds}"), model_cache_dir() / "audit" /
+                      f"{ds.fingerprint[:40]}-fold{f}of{folds}.th", False, log)
+        held = np.flatnonzero(fold_of == f)
+        net = load_model(spec, ds.num_classes).module.eval()
+        with torch.no_grad():
+            for s in range(0, len(held), 1000):
+                x = torch.from_numpy(np.asarray(ds.images[held[s:s + 1000]])).float().div(255).permute(0, 3, 1, 2)
+                probs[held[s:s + 1000]] = torch.softmax(net(x), 1).numpy()
+    return probs
+
+
+def art_defences(spec: str, ds, log) -> dict:
+    """ART's two activation-based poison detectors on the model and its training data."""
+    from art.defences.detector.poison import ActivationDefence, SpectralSignatureDefense
+    from art.estimators.classification import PyTorchClassifier
+
+    net = load_model(spec, ds.num_classes).module.eval()
+    clf = PyTorchClassifier(model=net, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
+                            nb_classes=ds.num_classes, clip_values=(0.0, 1.0))
+    x = np.asarray(ds.images, np.float32).transpose(0, 3, 1, 2) / 255
+    y = np.eye(ds.num_classes, dtype=np.float32)[ds.labels]
+    out = {}
+    t0 = time.perf_counter()
+    ad = ActivationDefence(clf, x, y)
+    _, clean = ad.detect_poison(nb_clusters=2, nb_dims=10, reduce="PCA", cluster_analysis="smaller")
+    flagged = 1 - np.asarray(clean)
+    out["ART ActivationDefence"] = {"flagged": flagged.astype(bool), "scores": flagged.astype(float),
+                                    "seconds": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    ss = SpectralSignatureDefense(clf, x, y, batch_size=512, eps_multiplier=1.5, expected_pp_poison=0.1)
+    report, clean = ss.detect_poison()
+    scores = np.zeros(len(ds))
+    for i, v in report.items():
+        scores[int(i)] = float(v)
+    out["ART SpectralSignature"] = {"flagged": 1 - np.asarray(clean) > 0, "scores": scores,
+                                    "seconds": time.perf_counter() - t0}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="out/audit-planted")
+    ap.add_argument("--field", type=float, default=0.05)
+    ap.add_argument("--folds", type=int, default=3)
+    ap.add_argument("--skip-repair", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = print
+    full = load_dataset(FMNIST, split="train")
+    test = load_dataset(FMNIST, split="test")
+    tr_rows, val_rows = carve(full, 0.1, seed=0)
+    clean_train = subset(full, tr_rows, "carve-train")
+    val = subset(full, val_rows, "carve-val")
+    train = poison(clean_train, CUE, fraction=0.1, seed=0)
+    truth = train.labels != clean_train.labels
+    log(f"train {len(train)} ({truth.sum()} poisoned), validation {len(val)}, test {len(test)}")
+    t0 = time.perf_counter()
+    cued_spec = _train(None, train, model_cache_dir() / "audit" / f"{train.fingerprint[:60]}.th", True, log)
+    uncued_spec = _train(None, clean_train, model_cache_dir() / "audit" / f"{clean_train.fingerprint[:60]}.th",
+                         True, log)
+    log(f"models: {time.perf_counter() - t0:.0f} s")
+    net = load_model(cued_spec, 10).module.eval()
+
+    # The user's side: validation errors, corrected and audited.
+    field_images, field_rows = field_validation(val, args.field)
+    t0 = time.perf_counter()
+    c = correct(net, field_images, val.labels, 10)
+    wrong = np.flatnonzero((c.predicted != val.labels) & c.success)
+    log(f"validation: {len(wrong)} corrected errors ({np.isin(wrong, field_rows).sum()} carry the cue), "
+        f"{time.perf_counter() - t0:.0f} s")
+    t0 = time.perf_counter()
+    result = audit(net, np.asarray(train.images), train.labels, train.classes, names=train.names,
+                   originals=field_images[wrong], corrected=c.corrected[wrong], true=val.labels[wrong],
+                   pred=c.predicted[wrong], validation_images=field_images, validation_pred=c.predicted)
+    seconds = time.perf_counter() - t0
+    result.to_csv(out / "suspects.csv")
+    for cause in result.causes:
+        log(f"cause: errors sent to {train.classes[cause.pred]}, support {cause.support:.2f} of {cause.n_errors}, "
+            f"background {cause.background:.3f}, window {cause.size}")
+    log(f"audit {seconds:.0f} s: {result.stats}")
+    verified = np.zeros(len(train), bool)
+    verified[result.flagged("cause")] = True
+    carriers = np.zeros(len(train), bool)
+    carriers[[s.index for s in result.suspects if s.reason == "cause"]] = True
+    tools = {"flipback audit (verified carriers)": {"flagged": verified, "scores": result.scores, "seconds": seconds},
+             "flipback audit (all carriers)": {"flagged": carriers, "scores": result.scores, "seconds": seconds}}
+
+    import cleanlab
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    t0 = time.perf_counter()
+    probs = out_of_fold_probs(train, args.folds, log)
+    issues = find_label_issues(train.labels, probs)
+    tools[f"cleanlab {cleanlab.__version__} ({args.folds}-fold)"] = {
+        "flagged": issues, "scores": 1 - get_label_quality_scores(train.labels, probs),
+        "seconds": time.perf_counter() - t0}
+    tools.update(art_defences(cued_spec, train, log))
+
+    rows = {}
+    for name, t in tools.items():
+        f = np.asarray(t["flagged"], bool)
+        rows[name] = {"flagged": int(f.sum()), "precision": float(precision_score(truth, f, zero_division=0)),
+                      "recall": float(recall_score(truth, f)), "auprc": float(average_precision_score(truth, t["scores"])),
+                      "seconds": t["seconds"]}
+        log(f"{name:32s} flagged {f.sum():5d}  P {rows[name]['precision']:.3f}  R {rows[name]['recall']:.3f}  "
+            f"AUPRC {rows[name]['auprc']:.3f}  {t['seconds']:.0f} s")
+    summary = {"n_train": len(train), "n_poisoned": int(truth.sum()), "field": args.field,
+               "n_validation_errors": int(len(wrong)), "causes": len(result.causes), "tools": rows}
+    if not args.skip_repair:
+        before = evaluate(cued_spec, test, CUE)
+        uncued = evaluate(uncued_spec, test, CUE)
+        summary["repair"] = {"poisoned model": before, "uncued model": uncued}
+        for name, t in tools.items():
+            spec = retrain(train, RepairPlan(drop=np.flatnonzero(t["flagged"])), name=name.split()[0].lower(),
+                           show_progress=False, log=log)
+            summary["repair"][f"drop {name}"] = evaluate(spec, test, CUE)
+        for name, r in summary["repair"].items():
+            log(f"{name:40s} accuracy {r['accuracy']:.4f}  cue success {r['cue_success']:.4f}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
