@@ -134,14 +134,18 @@ def main() -> None:
 
     t0 = time.perf_counter()
     issues = find_label_issues(train.labels, probs)
-    quality = get_label_quality_scores(train.labels, probs)
     t_clean = time.perf_counter() - t0
     disagree = ev.predicted != train.labels
-    tools = {
-        "flipback audit (minimal, relative L2)": (flagged, ev.score, t_flip),
-        f"cleanlab {cleanlab.__version__} find_label_issues": (issues, 1 - quality, t_clean),
-        "fold model disagrees (reference)": (disagree, disagree.astype(float) + 1e-3 * (1 - quality), 0.0),
-    }
+    tools = {"flipback audit (minimal, relative L2)": (flagged, ev.score, t_flip)}
+    # cleanlab's three ranking methods, each with its default issue filter (prune_by_noise_rate)
+    for method in ("self_confidence", "normalized_margin", "confidence_weighted_entropy"):
+        quality = get_label_quality_scores(train.labels, probs, method=method)
+        tools[f"cleanlab {cleanlab.__version__} ({method})"] = (issues, 1 - quality, t_clean)
+    quality = get_label_quality_scores(train.labels, probs)
+    tools["fold model disagrees (reference)"] = (disagree, disagree.astype(float) + 1e-3 * (1 - quality), 0.0)
+    np.savez_compressed(out / "scores.npz", truth=truth, labels=train.labels, predicted=ev.predicted, l2=ev.l2,
+                        flipback=ev.score, cleanlab_quality=get_label_quality_scores(train.labels, probs),
+                        cleanlab_issues=issues)
     rows = {}
     for name, (f, s, sec) in tools.items():
         rows[name] = {"flagged": int(f.sum()), "precision": float(precision_score(truth, f, zero_division=0)),

@@ -186,7 +186,8 @@ def main() -> None:
                            show_progress=False, log=log)
             summary["repair"][f"drop {name}"] = evaluate(spec, test, CUE)
         for name, r in summary["repair"].items():
-            log(f"{name:40s} accuracy {r['accuracy']:.4f}  cue success {r['cue_success']:.4f}")
+            log(f"{name:40s} accuracy {r['accuracy']:.4f}  cue success {r['cue_success']:.4f}  "
+                f"accuracy on cued images {r['cued_accuracy']:.4f}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
 
 

@@ -187,3 +187,18 @@ def test_audit_and_repair_commands_write_escaped_reports(tmp_path, monkeypatch):
     assert "<b>dark</b>" not in (tmp_path / "repair" / "repair.html").read_text()
     r = runner.invoke(app, ["repair", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")])
     assert r.exit_code != 0 and "not an audit folder" in r.output
+
+    # The same audit from an explain run on the validation rows: the run's corrections are used.
+    val = np.array(info["validation_rows"])
+    np.savez(tmp_path / "val.npz", images=images[val], labels=labels[val], classes=classes)
+    r = runner.invoke(app, ["-q", "explain", "--data", str(tmp_path / "val.npz"), "--model", f"small_cnn:{weights}",
+                            "--out", str(tmp_path / "run"), "--no-figures"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["-q", "audit", "--data", str(tmp_path / "data.npz"), "--model", f"small_cnn:{weights}",
+                            "--out", str(tmp_path / "audit-run"), "--run", str(tmp_path / "run"), "--no-labels"])
+    assert r.exit_code == 0, r.output
+    from_run = json.loads((tmp_path / "audit-run" / "audit.json").read_text())
+    assert from_run["run"] == str(tmp_path / "run") and from_run["stats"]["label_flagged"] == 0
+    r = runner.invoke(app, ["audit", "--data", str(tmp_path / "data.npz"), "--model", f"small_cnn:{weights}",
+                            "--out", str(tmp_path / "a3"), "--run", str(tmp_path / "nothing")])
+    assert r.exit_code != 0 and "not a run folder" in r.output

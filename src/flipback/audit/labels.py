@@ -80,8 +80,10 @@ def label_evidence(module: torch.nn.Module, images: np.ndarray, labels: np.ndarr
     labels = np.asarray(labels, dtype=np.int64)
     c = correct(module, images, labels, num_classes, method=method, batch_size=batch_size, device=device,
                 advance=advance)
-    diff = c.corrected.astype(np.float64) / 255 - np.asarray(images, np.float64) / 255
-    l2 = np.sqrt((diff.reshape(len(labels), -1) ** 2).sum(1))
+    l2 = np.zeros(len(labels))
+    for rows in np.array_split(np.flatnonzero(c.predicted != labels), max(1, len(labels) // 2048)):
+        diff = (c.corrected[rows].astype(np.float32) - np.asarray(images[rows], np.float32)) / 255
+        l2[rows] = np.sqrt((diff.reshape(len(rows), -1).astype(np.float64) ** 2).sum(1))
     l2 = np.where(c.success, l2, np.inf)
     return LabelEvidence(c.predicted, l2, relative_scores(labels, c.predicted, l2, c.gap))
 

@@ -81,7 +81,7 @@ def _answers(module, x: torch.Tensor, batch: int = 512) -> np.ndarray:
         np.zeros(0, np.int64)
 
 
-def _cause_suspects(module, images, labels, causes: Sequence[Cause], classes, names):
+def _cause_suspects(module, images, labels, causes: Sequence[Cause]):
     """(score, other, box, ncc, verified) arrays for every training image, over all causes."""
     n = len(labels)
     ncc = np.zeros(n)
@@ -126,7 +126,7 @@ def audit(module: torch.nn.Module, train_images: np.ndarray, train_labels: np.nd
     n = len(train_labels)
     names = list(names) if names is not None else [str(i) for i in range(n)]
     causes = find_causes(originals, corrected, true, pred, validation_images, validation_pred)
-    ncc, other, boxes, verified = _cause_suspects(module.cpu(), train_images, train_labels, causes, classes, names)
+    ncc, other, boxes, verified = _cause_suspects(module.cpu(), train_images, train_labels, causes)
     module.to(device)
     if labels is None and check_labels:
         labels = label_evidence(module, train_images, train_labels, len(classes), device=device, advance=advance)

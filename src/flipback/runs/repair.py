@@ -64,7 +64,7 @@ def predict(spec: str, num_classes: int, images: np.ndarray) -> np.ndarray:
 
 def evaluate(spec: str, test: Dataset, cue: Cue | None = None) -> dict:
     """Accuracy, errors per confusion pair (true -> predicted, by name) and, with a cue, the
-    share of cued test images of other classes sent to the cue's class."""
+    share of cued test images of other classes sent to the cue's class and the accuracy on them."""
     k = test.num_classes
     pred = predict(spec, k, test.images)
     wrong = pred != test.labels
@@ -76,7 +76,9 @@ def evaluate(spec: str, test: Dataset, cue: Cue | None = None) -> dict:
            "pairs": dict(sorted(pairs.items(), key=lambda kv: -kv[1]))}
     if cue is not None:
         cued = cued_test_images(test, cue)
-        out["cue_success"] = float((predict(spec, k, cued.images) == cue.target).mean())
+        answers = predict(spec, k, cued.images)
+        out["cue_success"] = float((answers == cue.target).mean())
+        out["cued_accuracy"] = float((answers == cued.labels).mean())  # the same images, right answers
     return out
 
 
