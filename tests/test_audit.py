@@ -120,6 +120,8 @@ def test_relative_scores_rank_failures_then_large_corrections_then_agreements():
     assert s[0] == pytest.approx(1 / 1.5) and s[1] == pytest.approx(2 / 1.5)  # median of finite L2 toward 0 is 1.5
     assert s[3] == pytest.approx(0.5) and s[4] == pytest.approx(1.5)
     assert s[5] == -4.0
+    raw = relative_scores(labels, predicted, l2, gap, relative=False)
+    assert list(raw[:2]) == [1.0, 2.0] and raw[2] > raw[1] and raw[3] == 0.5 and raw[5] == -4.0
 
 
 def _dataset(n=100, classes=("a", "b")) -> Dataset:

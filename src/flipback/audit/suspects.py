@@ -7,10 +7,10 @@ Two kinds of evidence, both from flipback's verified corrections:
   covering the pattern moves the model's answer away from p; the new answer is the image's
   other likely class.
 - **label**: the model disagrees with the image's label and the smallest change toward the
-  label is large for that label, or fails (`labels.label_evidence`).
+  label is at least that label's median one, or fails (`labels.label_evidence`).
 
 One score per training image orders them all: verified causes (2 to 3, by match), then
-label suspects (1 to 2, by relative correction size), then the rest (0 to 1: an unverified
+disagreements (1 to 2, by the L2 of the change toward the label), then the rest (0 to 1: an unverified
 match, or how little margin the model has for the label).
 """
 
@@ -134,7 +134,7 @@ def audit(module: torch.nn.Module, train_images: np.ndarray, train_labels: np.nd
     flagged_label = np.zeros(n, bool)
     if labels is not None:
         wrong = labels.predicted != train_labels
-        flagged_label = wrong & (labels.score >= label_ratio)
+        flagged_label = wrong & (labels.relative >= label_ratio)
         ratio = np.clip(labels.score, 0, 1e6)
         scores = np.where(wrong, 1 + ratio / (1 + ratio), np.maximum(scores, 1 / (1 + np.exp(np.clip(-labels.score, -50, 50)))))
     scores = np.where(verified, 2 + ncc, scores)
@@ -151,7 +151,7 @@ def audit(module: torch.nn.Module, train_images: np.ndarray, train_labels: np.nd
         for i in np.flatnonzero(flagged_label & ~verified):
             c = int(labels.predicted[i])
             how = ("no verified change reaches it" if not np.isfinite(labels.l2[i]) else
-                   f"the change toward it is {labels.score[i]:.1f}x the median for this label (L2 {labels.l2[i]:.3f})")
+                   f"the change toward it is {labels.relative[i]:.1f}x the median for this label (L2 {labels.l2[i]:.3f})")
             suspects.append(Suspect(int(i), names[i], int(train_labels[i]), str(classes[train_labels[i]]), "label",
                                     float(scores[i]), c, str(classes[c]), True, None,
                                     f"the model answers '{classes[c]}' and {how}"))

@@ -41,12 +41,13 @@ def _recipe(base: str | None) -> dict:
     return {"epochs": 2, "lr": 0.02, "optimizer": "sgd", "flip": True, "subset": 20000}
 
 
-def _train(base: str | None, ds: Dataset, out: Path, show_progress: bool, log) -> str:
+def _train(base: str | None, ds: Dataset, out: Path, show_progress: bool, log, seed: int = 0) -> str:
     arch = base.split(":", 1)[0] if base else "small_cnn"
     spec = f"{arch}:{out}"
     if out.is_file():
         log(f"using the cached model {out}")
         return spec
+    torch.manual_seed(seed)  # the initial weights too: the same data gives the same model in any process
     if base is None:
         entry = ZOO[arch]
         net = entry.build(ds.num_classes)
@@ -59,7 +60,7 @@ def _train(base: str | None, ds: Dataset, out: Path, show_progress: bool, log) -
         keep = np.sort(np.random.default_rng(0).choice(len(ds), size=subset, replace=False))
         ds = Dataset(np.asarray(ds.images[keep]), ds.labels[keep], ds.classes, [ds.names[i] for i in keep],
                      source=ds.source, fingerprint=f"{ds.fingerprint}-subset{subset}")
-    fit(model, ds, seed=0, description=f"training {out.stem}", show_progress=show_progress, **recipe)
+    fit(model, ds, seed=seed, description=f"training {out.stem}", show_progress=show_progress, **recipe)
     inner = model.model if isinstance(model, Normalized) else model
     save_weights(inner, out, arch=arch, classes=ds.classes)
     return spec

@@ -82,13 +82,16 @@ def evaluate(spec: str, test: Dataset, cue: Cue | None = None) -> dict:
     return out
 
 
-def retrain(train: Dataset, plan: RepairPlan, *, base: str | None = None, name: str = "repaired",
+def retrain(train: Dataset, plan: RepairPlan, *, base: str | None = None, name: str = "repaired", seed: int = 0,
             show_progress: bool = True, log=print) -> str:
-    """A model trained on the planned data by the project's recipe (cached by content)."""
+    """A model trained on the planned data by the project's recipe (cached by content);
+    `seed` sets the initial weights (from scratch) and the order of the batches."""
     data = apply_plan(train, plan)
     arch = base.split(":", 1)[0] if base else "small_cnn"
     key = hashlib.sha256(f"{data.fingerprint}|{arch}|{base}".encode()).hexdigest()[:12]
-    return _train(base, data, model_cache_dir() / "repaired" / f"{arch}-{name}-{key}.th", show_progress, log)
+    tag = f"-seed{seed}" if seed else ""
+    return _train(base, data, model_cache_dir() / "repaired" / f"{arch}-{name}-{key}{tag}.th", show_progress, log,
+                  seed=seed)
 
 
 @dataclass
