@@ -81,31 +81,31 @@ def _answers(module, x: torch.Tensor, batch: int = 512) -> np.ndarray:
         np.zeros(0, np.int64)
 
 
-def _cause_suspects(module, images, labels, causes: Sequence[Cause]):
-    """(score, other, box, ncc, verified) arrays for every training image, over all causes."""
+def _cause_suspects(module, images, labels, causes: Sequence[Cause], batch: int = 1024):
+    """(ncc, other, boxes, verified) arrays for every training image, over all causes: the
+    best match of a cause's pattern in images labelled with its class, the answer once the
+    match is covered, the match's box, and whether that answer left the class."""
     n = len(labels)
     ncc = np.zeros(n)
     other = np.full(n, -1)
     verified = np.zeros(n, bool)
     boxes = np.zeros((n, 4), np.int64)
     for c in causes:
-        rows = np.flatnonzero(labels == c.pred)
-        if not len(rows):
-            continue
-        x = _nchw(images[rows])
-        score, corner = best_match(x, torch.from_numpy(c.template))
-        hit = score >= MATCH
-        answers = _answers(module, cover(x[hit], corner[hit], c.size))
-        better = score > ncc[rows]
-        idx = rows[better]
-        ncc[idx] = score[better]
-        boxes[idx] = np.concatenate([corner[better], corner[better] + c.size], 1)
-        moved = np.zeros(len(rows), bool)
-        moved[np.flatnonzero(hit)] = answers != c.pred
-        ans = np.full(len(rows), -1)
-        ans[np.flatnonzero(hit)] = answers
-        verified[idx] = moved[better]
-        other[idx] = ans[better]
+        template = torch.from_numpy(c.template)
+        for part in np.array_split(np.flatnonzero(labels == c.pred), max(1, -(-(labels == c.pred).sum() // batch))):
+            if not len(part):
+                continue
+            x = _nchw(images[part])  # one chunk at a time: memory stays flat at any image size
+            score, corner = best_match(x, template)
+            better = score > ncc[part]
+            hit = better & (score >= MATCH)
+            answers = _answers(module, cover(x[hit], corner[hit], c.size))
+            rows = part[better]
+            ncc[rows] = score[better]
+            boxes[rows] = np.concatenate([corner[better], corner[better] + c.size], 1)
+            other[rows], verified[rows] = -1, False
+            other[part[hit]] = answers
+            verified[part[hit]] = answers != c.pred
     return ncc, other, boxes, verified
 
 
