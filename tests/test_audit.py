@@ -113,15 +113,15 @@ def test_audit_ranks_exactly_the_poisoned_training_images_first():
 def test_relative_scores_rank_failures_then_large_corrections_then_agreements():
     labels = np.array([0, 0, 0, 1, 1, 0])
     predicted = np.array([1, 1, 1, 0, 0, 0])
-    l2 = np.array([1.0, 2.0, np.inf, 0.5, 1.5, 0.0])
+    l2 = np.array([1.0, 2.0, np.inf, 0.5, 3.0, 0.0])
     gap = np.array([-1, -2, -3, -1, -1, 4.0])
-    s = relative_scores(labels, predicted, l2, gap)
-    assert s[2] > s[1] > s[0] > s[5]
-    assert s[0] == pytest.approx(1 / 1.5) and s[1] == pytest.approx(2 / 1.5)  # median of finite L2 toward 0 is 1.5
-    assert s[3] == pytest.approx(0.5) and s[4] == pytest.approx(1.5)
-    assert s[5] == -4.0
+    s = relative_scores(labels, predicted, l2, gap)  # over the median of all finite disagreements: 1.5
+    assert s[2] > s[4] > s[1] > s[0] > s[3] > s[5]
+    assert s[0] == pytest.approx(1 / 1.5) and s[4] == pytest.approx(2.0) and s[5] == -4.0
+    per_label = relative_scores(labels, predicted, l2, gap, by_label=True)  # medians 1.5 (label 0), 1.75 (label 1)
+    assert per_label[1] == pytest.approx(2 / 1.5) and per_label[4] == pytest.approx(3 / 1.75)
     raw = relative_scores(labels, predicted, l2, gap, relative=False)
-    assert list(raw[:2]) == [1.0, 2.0] and raw[2] > raw[1] and raw[3] == 0.5 and raw[5] == -4.0
+    assert list(raw[:2]) == [1.0, 2.0] and raw[2] > raw[4] and raw[3] == 0.5 and raw[5] == -4.0
 
 
 def _dataset(n=100, classes=("a", "b")) -> Dataset:

@@ -7,7 +7,7 @@ Two kinds of evidence, both from flipback's verified corrections:
   covering the pattern moves the model's answer away from p; the new answer is the image's
   other likely class.
 - **label**: the model disagrees with the image's label and the smallest change toward the
-  label is at least that label's median one, or fails (`labels.label_evidence`).
+  label is at least the median one over all disagreements, or fails (`labels.label_evidence`).
 
 One score per training image orders them all: verified causes (2 to 3, by match), then
 disagreements (1 to 2, by the L2 of the change toward the label), then the rest (0 to 1: an unverified
@@ -27,7 +27,7 @@ import torch
 from .causes import MATCH, Cause, best_match, cover, find_causes
 from .labels import LabelEvidence, label_evidence
 
-LABEL_RATIO = 1.0  # a disagreement whose correction is at least the label's median one
+LABEL_RATIO = 1.0  # a disagreement whose correction is at least the median one
 
 
 @dataclass
@@ -151,7 +151,7 @@ def audit(module: torch.nn.Module, train_images: np.ndarray, train_labels: np.nd
         for i in np.flatnonzero(flagged_label & ~verified):
             c = int(labels.predicted[i])
             how = ("no verified change reaches it" if not np.isfinite(labels.l2[i]) else
-                   f"the change toward it is {labels.relative[i]:.1f}x the median for this label (L2 {labels.l2[i]:.3f})")
+                   f"the change toward it is {labels.relative[i]:.1f}x the median one (L2 {labels.l2[i]:.3f})")
             suspects.append(Suspect(int(i), names[i], int(train_labels[i]), str(classes[train_labels[i]]), "label",
                                     float(scores[i]), c, str(classes[c]), True, None,
                                     f"the model answers '{classes[c]}' and {how}"))
