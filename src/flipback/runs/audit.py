@@ -23,10 +23,10 @@ from ..audit import audit
 from ..audit.causes import Cause
 from ..audit.labels import correct
 from ..audit.split import carve
-from ..data import Dataset, load_dataset
+from ..data import Dataset
 from ..errors import FlipbackError
 from ..store.runstore import RunStore
-from ..targets.loading import load_model
+from ..targets.loading import dataset_for_model, load_model
 from ..targets.device import resolve_device
 from .progress import progress_bar
 from .repair import RepairPlan, evaluate, predict, retrain
@@ -85,7 +85,8 @@ def run_audit(*, model: str, data: str, out_dir: Path, validation: float = 0.1, 
               log=print) -> dict:
     dev = resolve_device(device)
     out_dir = Path(out_dir)
-    full = load_dataset(data, split="train", progress=show_progress)
+    # Decoded as the model expects (its eval transform), classes matched to its outputs.
+    full = dataset_for_model(model, data, split="train", progress=show_progress)
     net = load_model(model, full.num_classes).module.eval()
     if run is not None:
         train_rows = np.arange(len(full))
@@ -153,8 +154,8 @@ def run_repair(*, audit_dir: Path, out_dir: Path, drop: tuple[str, ...] = ("caus
     if not (audit_dir / "audit.json").is_file():
         raise FlipbackError(f"{audit_dir} is not an audit folder (no audit.json)", hint="run flipback audit first")
     info = json.loads((audit_dir / "audit.json").read_text())
-    full = load_dataset(info["data"], split="train", progress=show_progress)
-    test_ds = load_dataset(test or info["data"], split="test", progress=show_progress)
+    full = dataset_for_model(info["model"], info["data"], split="train", progress=show_progress)
+    test_ds = dataset_for_model(info["model"], test or info["data"], split="test", progress=show_progress)
     rows = np.array(info.get("validation_rows", []), np.int64)
     train_rows = np.setdiff1d(np.arange(len(full)), rows)
     position = {int(r): k for k, r in enumerate(train_rows)}
