@@ -9,7 +9,7 @@
   here can undo that.
 - flipback audit of A: its validation errors corrected (white-box `minimal`), recurring causes,
   and label evidence on the 45,000 (in sample: no fold models at this size on 2 cores).
-- Then A is fine-tuned once more by the same recipe (same steps, same seed) on:
+- Then A is fine-tuned once more by the same recipe (same steps), once per seed of `--seeds`, on:
   - the 45,000 as they are (no repair);
   - the 45,000 without the likely wrong labels (flipback drop);
   - the 45,000 plus the validation errors with their true labels (same data, no flipback);
@@ -42,6 +42,7 @@ DATA = "../shared/data/cifar10-jpeg"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="out/audit-cifar")
+    ap.add_argument("--seeds", default="0,1,2", help="Seeds of every fine-tune (batch order and flips).")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,12 +76,18 @@ def main() -> None:
         "flipback corrections of them added": RepairPlan(extra_images=c.corrected[wrong], extra_labels=errors_y),
     }
     results = {"model A": evaluate(spec_a, test)}
+    seeds = [int(v) for v in args.seeds.split(",")]
     for name, plan in plans.items():
-        t0 = time.perf_counter()
-        spec = retrain(train, plan, base=spec_a, name=name.split()[0].strip(",:"), show_progress=False, log=log)
-        results[name] = {**evaluate(spec, test), "plan": plan.describe(), "seconds": time.perf_counter() - t0}
+        runs = []
+        for sd in seeds:
+            t0 = time.perf_counter()
+            spec = retrain(train, plan, base=spec_a, name=name.split()[0].strip(",:"), seed=sd, show_progress=False,
+                           log=log)
+            runs.append({**evaluate(spec, test), "seconds": time.perf_counter() - t0})
+        results[name] = {"accuracy": [r["accuracy"] for r in runs], "plan": plan.describe(), "runs": runs}
     for name, r in results.items():
-        log(f"{name:42s} test accuracy {r['accuracy']:.4f}  errors {r['errors']}")
+        acc = np.array(r["accuracy"], ndmin=1)
+        log(f"{name:42s} test accuracy {acc.mean():.4f} +- {acc.std():.4f}  ({', '.join(f'{a:.4f}' for a in acc)})")
     (out / "summary.json").write_text(json.dumps({
         "n_train": len(train), "n_validation": len(val), "validation_errors": int((c.predicted != val.labels).sum()),
         "corrected": int(len(wrong)), "audit": result.stats, "audit_seconds": seconds,
