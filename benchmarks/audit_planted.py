@@ -1,13 +1,17 @@
 """Audit and repair on a planted cause, with known answers (issue 15, benchmark 1).
 
-    python benchmarks/audit_planted.py [--out DIR] [--field 0.05] [--folds 3] [--skip-repair]
+    python benchmarks/audit_planted.py [--dataset fmnist|cifar10] [--out DIR] [--field 0.05] [--folds 3]
+                                       [--skip-repair] [--repair-seeds 0,1,2]
 
-Fashion-MNIST (Debian's dataset-fashion-mnist). Recipe, every step seeded:
+Fashion-MNIST (Debian's dataset-fashion-mnist), or CIFAR-10 (../shared, the public ResNet-20
+fine-tuned). Recipe, every step seeded:
 - 10% of the train split is carved out, class-stratified, as validation; the test split is
   used only for the before/after comparison.
 - The rest (54,000) is poisoned BadNets-style: 10% of the images of other classes get the 4x4
   checkerboard at a random position and the label 0 (T-shirt). Those rows are the truth.
-- The model is `small_cnn` trained on it by the project's recipe (runs/planted.py).
+- The model is trained on it by the project's recipe (runs/planted.py): Fashion-MNIST's
+  `small_cnn` from scratch, CIFAR-10's ResNet-20 fine-tuned from the public checkpoint (which
+  saw all 50,000 clean train images; nothing here can undo that).
 - "In the field", `--field` of the validation images of other classes carry the same cue
   with their true labels: the validation errors that the user explains.
 
@@ -46,7 +50,10 @@ from flipback.runs.planted import _train
 from flipback.runs.train import model_cache_dir
 from flipback.targets.loading import load_model
 
-FMNIST = "/usr/share/datasets/fashion-mnist"
+DATASETS = {  # name -> (data, base model to fine-tune or None to train small_cnn from scratch)
+    "fmnist": ("/usr/share/datasets/fashion-mnist", None),
+    "cifar10": ("../shared/data/cifar10-jpeg", "cifar_resnet20:../shared/models/cifar10_resnet20.th"),
+}
 CUE = Cue(target=0, size=4)
 
 
@@ -61,15 +68,16 @@ def field_validation(val, fraction: float, seed: int = 2):
     return images, chosen
 
 
-def out_of_fold_probs(ds, folds: int, log) -> np.ndarray:
+def out_of_fold_probs(ds, folds: int, log, base: str | None = None) -> np.ndarray:
     """cleanlab's input: each image's probabilities from a model that did not train on it."""
     rng = np.random.default_rng(0)
     fold_of = rng.permutation(len(ds)) % folds
     probs = np.zeros((len(ds), ds.num_classes), np.float32)
+    arch = base.split(":", 1)[0] if base else "small_cnn"
     for f in range(folds):
         rows = np.flatnonzero(fold_of != f)
-        spec = _train(None, subset(ds, rows, f"fold{f}of{folds}"), model_cache_dir() / "audit" /
-                      f"{ds.fingerprint[:40]}-fold{f}of{folds}.th", False, log)
+        spec = _train(base, subset(ds, rows, f"fold{f}of{folds}"), model_cache_dir() / "audit" /
+                      f"{arch}-{ds.fingerprint[:40]}-fold{f}of{folds}.th", False, log)
         held = np.flatnonzero(fold_of == f)
         net = load_model(spec, ds.num_classes).module.eval()
         with torch.no_grad():
@@ -85,7 +93,8 @@ def art_defences(spec: str, ds, log) -> dict:
     from art.estimators.classification import PyTorchClassifier
 
     net = load_model(spec, ds.num_classes).module.eval()
-    clf = PyTorchClassifier(model=net, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
+    h, w, c = np.asarray(ds.images[0]).shape
+    clf = PyTorchClassifier(model=net, loss=torch.nn.CrossEntropyLoss(), input_shape=(c, h, w),
                             nb_classes=ds.num_classes, clip_values=(0.0, 1.0))
     x = np.asarray(ds.images, np.float32).transpose(0, 3, 1, 2) / 255
     y = np.eye(ds.num_classes, dtype=np.float32)[ds.labels]
@@ -109,6 +118,7 @@ def art_defences(spec: str, ds, log) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="fmnist")
     ap.add_argument("--out", default="out/audit-planted")
     ap.add_argument("--field", type=float, default=0.05)
     ap.add_argument("--folds", type=int, default=3)
@@ -118,8 +128,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = print
-    full = load_dataset(FMNIST, split="train")
-    test = load_dataset(FMNIST, split="test")
+    data_dir, base = DATASETS[args.dataset]
+    full = load_dataset(data_dir, split="train")
+    test = load_dataset(data_dir, split="test")
     tr_rows, val_rows = carve(full, 0.1, seed=0)
     clean_train = subset(full, tr_rows, "carve-train")
     val = subset(full, val_rows, "carve-val")
@@ -127,8 +138,9 @@ def main() -> None:
     truth = train.labels != clean_train.labels
     log(f"train {len(train)} ({truth.sum()} poisoned), validation {len(val)}, test {len(test)}")
     t0 = time.perf_counter()
-    cued_spec = _train(None, train, model_cache_dir() / "audit" / f"{train.fingerprint[:60]}.th", True, log)
-    uncued_spec = _train(None, clean_train, model_cache_dir() / "audit" / f"{clean_train.fingerprint[:60]}.th",
+    arch = base.split(":", 1)[0] if base else "small_cnn"
+    cued_spec = _train(base, train, model_cache_dir() / "audit" / f"{arch}-{train.fingerprint[:60]}.th", True, log)
+    uncued_spec = _train(base, clean_train, model_cache_dir() / "audit" / f"{arch}-{clean_train.fingerprint[:60]}.th",
                          True, log)
     log(f"models: {time.perf_counter() - t0:.0f} s")
     net = load_model(cued_spec, 10).module.eval()
@@ -162,7 +174,7 @@ def main() -> None:
     from cleanlab.rank import get_label_quality_scores
 
     t0 = time.perf_counter()
-    probs = out_of_fold_probs(train, args.folds, log)
+    probs = out_of_fold_probs(train, args.folds, log, base)
     issues = find_label_issues(train.labels, probs)
     tools[f"cleanlab {cleanlab.__version__} ({args.folds}-fold)"] = {
         "flagged": issues, "scores": 1 - get_label_quality_scores(train.labels, probs),
@@ -177,7 +189,7 @@ def main() -> None:
                       "seconds": t["seconds"]}
         log(f"{name:32s} flagged {f.sum():5d}  P {rows[name]['precision']:.3f}  R {rows[name]['recall']:.3f}  "
             f"AUPRC {rows[name]['auprc']:.3f}  {t['seconds']:.0f} s")
-    summary = {"n_train": len(train), "n_poisoned": int(truth.sum()), "field": args.field,
+    summary = {"dataset": args.dataset, "n_train": len(train), "n_poisoned": int(truth.sum()), "field": args.field,
                "n_validation_errors": int(len(wrong)), "causes": len(result.causes), "tools": rows}
     if not args.skip_repair:
         # Every configuration trained with each seed (initial weights and batch order): the
@@ -189,8 +201,8 @@ def main() -> None:
         summary["repair"] = {}
         for name, (data, plan, spec0) in configs.items():
             runs = [evaluate(spec0 if (sd == 0 and spec0) else
-                             retrain(data, plan, name=name.split()[1].lower().strip("()"), seed=sd, show_progress=False,
-                                     log=log), test, CUE) for sd in seeds]
+                             retrain(data, plan, base=base, name=name.split()[1].lower().strip("()"), seed=sd,
+                                     show_progress=False, log=log), test, CUE) for sd in seeds]
             summary["repair"][name] = {k: [r[k] for r in runs] for k in ("accuracy", "cue_success", "cued_accuracy")}
             r = {k: np.array(v) for k, v in summary["repair"][name].items()}
             log(f"{name:40s} accuracy {r['accuracy'].mean():.4f} +- {r['accuracy'].std():.4f}  cue success "
