@@ -171,11 +171,21 @@ def test_audit_and_repair_commands_write_escaped_reports(tmp_path, monkeypatch):
     weights = train_small_cnn(ds, tmp_path / "w.th", epochs=2, show_progress=False)
     runner = CliRunner()
     r = runner.invoke(app, ["-q", "audit", "--data", str(tmp_path / "data.npz"), "--model", f"small_cnn:{weights}",
-                            "--out", str(tmp_path / "audit"), "--validation", "0.2"])
+                            "--out", str(tmp_path / "audit"), "--validation", "0.2", "--fiftyone", str(tmp_path / "fo")])
     assert r.exit_code == 0, r.output
     info = json.loads((tmp_path / "audit" / "audit.json").read_text())
     rows = list(csv.DictReader((tmp_path / "audit" / "suspects.csv").open()))
-    assert info["n_suspects"] == len(rows)
+    assert info["n_suspects"] == len(rows) > 0
+    import fiftyone as fo
+
+    exported = fo.Dataset.from_dir(dataset_dir=str(tmp_path / "fo"), dataset_type=fo.types.FiftyOneDataset)
+    assert len(exported) == len(rows)
+    assert sorted(exported.values("index")) == sorted(int(row["index"]) for row in rows)
+    exported.delete()
+    # An export folder that is not empty is refused before any work.
+    r = runner.invoke(app, ["audit", "--data", str(tmp_path / "data.npz"), "--model", f"small_cnn:{weights}",
+                            "--out", str(tmp_path / "a2"), "--fiftyone", str(tmp_path / "fo")])
+    assert r.exit_code != 0 and "not an empty folder" in r.output and not (tmp_path / "a2").exists()
     assert set(rows[0]) >= {"rank", "index", "name", "label", "reason", "score", "verified", "other", "box", "detail"}
     html = (tmp_path / "audit" / "audit.html").read_text()
     assert "<b>dark</b>" not in html

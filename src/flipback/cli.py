@@ -369,6 +369,8 @@ def audit_cmd(
     labels: bool = typer.Option(True, "--labels/--no-labels", help="Also look for likely wrong labels."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help=_DEVICE_HELP),
+    fiftyone: Optional[Path] = typer.Option(None, help="Also export the suspects, with their change maps as "
+                                            "heatmaps, to this new folder as a FiftyOne dataset (the fiftyone extra)."),
 ):
     """Rank the training images behind the errors: carriers of a recurring cause, and likely
     wrong labels. Writes suspects.csv, audit.json and audit.html."""
@@ -376,7 +378,7 @@ def audit_cmd(
 
     def go():
         summary = run_audit(model=model, data=data, out_dir=out_dir, validation=validation, run=run, labels=labels,
-                            seed=seed, device=device, show_progress=not _state["quiet"], log=_log)
+                            seed=seed, device=device, fiftyone=fiftyone, show_progress=not _state["quiet"], log=_log)
         if _state["json"]:
             print(json.dumps({k: v for k, v in summary.items() if k != "validation_rows"}))
         elif not _state["quiet"]:

@@ -2,6 +2,7 @@
 
 The stage after the explanation: corrections of validation errors -> recurring causes and
 label doubts -> ranked suspect training images (`audit`) -> a repaired model (`runs.repair`).
+`fiftyone_export` (imported on use: FiftyOne is an extra) writes an audit as a FiftyOne dataset.
 """
 
 from .causes import Cause, find_causes

@@ -81,10 +81,14 @@ def _html(name: str, **context) -> str:
 
 
 def run_audit(*, model: str, data: str, out_dir: Path, validation: float = 0.1, run: Path | None = None,
-              labels: bool = True, seed: int = 0, device: str = "auto", show_progress: bool = True,
-              log=print) -> dict:
+              labels: bool = True, seed: int = 0, device: str = "auto", fiftyone: Path | None = None,
+              show_progress: bool = True, log=print) -> dict:
     dev = resolve_device(device)
     out_dir = Path(out_dir)
+    if fiftyone is not None:  # fail before the work, not after it
+        from ..audit.fiftyone_export import check_export_dir
+
+        check_export_dir(Path(fiftyone))
     # Decoded as the model expects (its eval transform), classes matched to its outputs.
     full = dataset_for_model(model, data, split="train", progress=show_progress)
     net = load_model(model, full.num_classes).module.eval()
@@ -123,6 +127,13 @@ def run_audit(*, model: str, data: str, out_dir: Path, validation: float = 0.1, 
     (out_dir / "audit.html").write_text(_html(
         "audit.html.j2", summary=summary, causes=[(c, _template_png(c), full.classes[c.pred]) for c in result.causes],
         suspects=[(s, _png(np.asarray(full.images[s.index]), s.box)) for s in shown], n_suspects=len(result.suspects)))
+    if fiftyone is not None:
+        from ..audit.fiftyone_export import export_fiftyone
+
+        export_fiftyone(result, full.images, full.classes, Path(fiftyone), module=net, device=str(dev))
+        summary["fiftyone"] = str(fiftyone)
+        (out_dir / "audit.json").write_text(json.dumps(summary, indent=2))
+        log(f"audit: FiftyOne dataset of {len(result.suspects)} suspects in {fiftyone}")
     return summary
 
 
