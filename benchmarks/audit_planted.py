@@ -20,8 +20,9 @@ Then, on the same training images, side by side:
   cause -> training images labelled with its class that carry it -> verified by covering it;
 - cleanlab's `find_label_issues` and label-quality ranking, with out-of-sample
   probabilities from `--folds`-fold cross-validation (same recipe per fold);
-- ART's `ActivationDefence` (k-means on the last hidden layer, per class) and
-  `SpectralSignatureDefense` (on the same activations).
+- ART's `ActivationDefence` (k-means on activations, per class) and
+  `SpectralSignatureDefense` (on the same activations), each on the logits (what ART reads
+  from a PyTorch model that is not an nn.Sequential) and on the last hidden layer.
 Precision and recall of each tool's flagged set, and AUPRC of its ranking (average
 precision, every training image scored). Then each tool's flagged images are dropped and the
 model retrained by the same recipe, once per seed of `--repair-seeds`: test accuracy, cue
@@ -87,32 +88,54 @@ def out_of_fold_probs(ds, folds: int, log, base: str | None = None) -> np.ndarra
     return probs
 
 
+class LastHidden(torch.nn.Module):
+    """The network's input to its last linear layer (the last hidden layer's activations).
+    ART's detectors read the activations of the model's last top-level layer; given the
+    classifier itself that is the 10 logits, so each detector is run on both."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+        self.last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+    def forward(self, x):
+        seen = []
+        handle = self.last.register_forward_hook(lambda m, inputs, output: seen.append(inputs[0]))
+        try:
+            self.net(x)
+        finally:
+            handle.remove()
+        return seen[0].flatten(1)
+
+
 def art_defences(spec: str, ds, log) -> dict:
-    """ART's two activation-based poison detectors on the model and its training data."""
+    """ART's two activation-based poison detectors on the model and its training data, on the
+    logits (ART's default for a PyTorch model) and on the last hidden layer."""
     from art.defences.detector.poison import ActivationDefence, SpectralSignatureDefense
     from art.estimators.classification import PyTorchClassifier
 
     net = load_model(spec, ds.num_classes).module.eval()
     h, w, c = np.asarray(ds.images[0]).shape
-    clf = PyTorchClassifier(model=net, loss=torch.nn.CrossEntropyLoss(), input_shape=(c, h, w),
-                            nb_classes=ds.num_classes, clip_values=(0.0, 1.0))
     x = np.asarray(ds.images, np.float32).transpose(0, 3, 1, 2) / 255
     y = np.eye(ds.num_classes, dtype=np.float32)[ds.labels]
     out = {}
-    t0 = time.perf_counter()
-    ad = ActivationDefence(clf, x, y)
-    _, clean = ad.detect_poison(nb_clusters=2, nb_dims=10, reduce="PCA", cluster_analysis="smaller")
-    flagged = 1 - np.asarray(clean)
-    out["ART ActivationDefence"] = {"flagged": flagged.astype(bool), "scores": flagged.astype(float),
-                                    "seconds": time.perf_counter() - t0}
-    t0 = time.perf_counter()
-    ss = SpectralSignatureDefense(clf, x, y, batch_size=512, eps_multiplier=1.5, expected_pp_poison=0.1)
-    report, clean = ss.detect_poison()
-    scores = np.zeros(len(ds))
-    for i, v in report.items():
-        scores[int(i)] = float(v)
-    out["ART SpectralSignature"] = {"flagged": 1 - np.asarray(clean) > 0, "scores": scores,
-                                    "seconds": time.perf_counter() - t0}
+    for layer, model in (("logits", net), ("last hidden layer", torch.nn.Sequential(LastHidden(net)))):
+        clf = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(c, h, w),
+                                nb_classes=ds.num_classes, clip_values=(0.0, 1.0))
+        t0 = time.perf_counter()
+        ad = ActivationDefence(clf, x, y)
+        _, clean = ad.detect_poison(nb_clusters=2, nb_dims=10, reduce="PCA", cluster_analysis="smaller")
+        flagged = 1 - np.asarray(clean)
+        out[f"ART ActivationDefence ({layer})"] = {"flagged": flagged.astype(bool), "scores": flagged.astype(float),
+                                                   "seconds": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        ss = SpectralSignatureDefense(clf, x, y, batch_size=512, eps_multiplier=1.5, expected_pp_poison=0.1)
+        report, clean = ss.detect_poison()
+        scores = np.zeros(len(ds))
+        for i, v in report.items():
+            scores[int(i)] = float(v)
+        out[f"ART SpectralSignature ({layer})"] = {"flagged": 1 - np.asarray(clean) > 0, "scores": scores,
+                                                   "seconds": time.perf_counter() - t0}
     return out
 
 
