@@ -94,8 +94,13 @@ def _kill_and_resume(mode: str, d: Path, out: Path, cache: Path, rng: random.Ran
         try:
             if finished_s is not None:  # kill the resume of a finished run (summary and report writing)
                 time.sleep(rng.uniform(0.3, 1.0) * finished_s)
-            elif attempt % 3 == 0:  # a random moment in a run's life (start-up takes about half of it)
-                time.sleep(rng.uniform(0.05, 0.6) * reference_s)
+            elif attempt % 3 == 0:  # a random moment in a run's life (start-up takes about half of it),
+                # but never after the run got more than two batches further: on a loaded machine the
+                # reference time says little, and a run that finished leaves nothing to kill mid-way
+                stop_at = min(LIMIT - 1, committed_rows(out) + 6)
+                deadline = time.monotonic() + rng.uniform(0.05, 0.6) * reference_s
+                while proc.poll() is None and committed_rows(out) < stop_at and time.monotonic() < deadline:
+                    time.sleep(0.005)
             else:  # a random moment while images are being explained: just after the next commit,
                 # soon enough that a fast machine has not finished the run meanwhile
                 want = committed_rows(out) + 3
@@ -104,14 +109,13 @@ def _kill_and_resume(mode: str, d: Path, out: Path, cache: Path, rng: random.Ran
                     time.sleep(0.005)
                 time.sleep(rng.uniform(0, 0.03))
         finally:
-            alive = proc.poll() is None
-            if alive:
+            if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
             stderr = proc.stderr.read().decode(errors="replace")
             proc.stderr.close()
-        if alive:
-            assert proc.returncode == -signal.SIGKILL
+        # The return code says whether the kill landed: the run may exit between poll() and kill().
+        if proc.returncode == -signal.SIGKILL:
             at_kill.append(committed_rows(out))
         else:  # it finished before the kill: later kills hit the resume of a finished run
             assert proc.returncode == 0, stderr
