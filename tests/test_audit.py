@@ -90,6 +90,49 @@ def test_find_causes_finds_the_pasted_pattern_and_nothing_in_plain_errors():
     assert none == []
 
 
+def test_a_window_larger_than_the_pattern_is_matched_on_its_core_only():
+    """A 6 px window around a 4 px checkerboard holds 20 pixels of varying surroundings: the
+    carriers agree only on the checkerboard's 16, and the scan matches those."""
+    clean = _background(40, seed=2)
+    cued, _ = _paste(clean[:30], seed=3)
+    originals = np.concatenate([cued, clean[30:]])
+    corrected = np.concatenate([clean[:30], np.clip(clean[30:].astype(int) + 9, 0, 255).astype(np.uint8)])
+    others = _background(200, seed=4)
+    (cause,) = find_causes(originals, corrected, np.zeros(40, np.int64), np.ones(40, np.int64), others,
+                           np.zeros(200, np.int64), size=6)
+    # The template is trimmed to the checkerboard: no mask left, and it matches new carriers
+    # exactly, wherever the pattern is (at the image's edges too), and nothing elsewhere.
+    assert cause.size == 4 and cause.core is None
+    template = np.rint(cause.template[0] * 255)
+    assert (template == CHECKER).all() or (template == 255 - CHECKER).all()
+    fresh, corners = _paste(_background(40, seed=9), seed=10)
+    assert (corners == 0).any() and (corners == 12).any()
+    x = torch.from_numpy(fresh).float().permute(0, 3, 1, 2) / 255
+    score, where = best_match(x, torch.from_numpy(cause.template))
+    assert score.min() > 0.999 and (where == corners).all()
+    plain = torch.from_numpy(_background(50, seed=11)).float().permute(0, 3, 1, 2) / 255
+    assert best_match(plain, torch.from_numpy(cause.template))[0].max() < 0.8
+
+
+def test_masked_ncc_compares_only_the_masked_pixels():
+    """A ring-shaped mask: the pixels inside it may be anything."""
+    rng = np.random.default_rng(0)
+    template = torch.from_numpy(rng.random((1, 5, 5)).astype(np.float32))
+    ring = torch.ones(5, 5, dtype=torch.bool)
+    ring[1:4, 1:4] = False
+    image = torch.rand(1, 1, 12, 12)
+    image[0, :, 4:9, 2:7] = torch.where(ring, template, torch.rand(1, 5, 5))
+    score, where = best_match(image, template, core=ring)
+    assert score[0] == pytest.approx(1.0, abs=1e-5) and tuple(where[0]) == (4, 2)
+    # Without the mask the centre counts, and the match is no longer exact.
+    assert best_match(image, template)[0][0] < 0.99
+    # The same as the unmasked NCC of the ring's pixels alone.
+    a, b = image[0, 0, 4:9, 2:7][ring], template[0][ring]
+    a, b = a - a.mean(), b - b.mean()
+    assert float(ncc(image, template[None], ring[None])[0, 0, 4, 2]) == pytest.approx(
+        float((a * b).sum() / (a.norm() * b.norm())), abs=1e-5)
+
+
 def test_audit_ranks_exactly_the_poisoned_training_images_first():
     model = CheckerDetector()
     train = _background(120, seed=5)

@@ -11,7 +11,9 @@ batched:
    The template is the window whose share among those errors exceeds by most its share
    among validation images the model sends elsewhere; it is a cause only if it is much more
    common in the errors (`lift`) and rare elsewhere: an edge, a flat patch or a common
-   texture is everywhere, a trigger is not.
+   texture is everywhere, a trigger is not. The window is a fixed size, so it may hold some
+   of the image around a smaller pattern: its *core*, the pixels on which the errors that
+   carry it agree, is what the scan then matches.
 2. `scan`: the best NCC of the template over every training image labelled p, and where.
 3. `cover`: the same images with that window replaced by a blur of its surroundings; the
    audit verifies a suspect when the model's answer then leaves p.
@@ -34,6 +36,10 @@ MIN_LIFT = 3.0
 MAX_BACKGROUND = 0.05
 MIN_SUPPORT = 0.2  # share of a class's errors that must carry the template
 _FLAT = 0.05  # windows whose pixels spread less than this (std, in [0,1] units) match nothing
+# A window pixel is part of the pattern's core when the carriers' aligned windows agree on it
+# (std across them below this, in [0,1] units); the image around a pattern varies far more.
+CORE_SPREAD = 0.1
+MIN_CORE = 0.25  # a core smaller than this share of the window is not trusted: the whole window is used
 
 
 @dataclass
@@ -47,6 +53,7 @@ class Cause:
     background: float  # share of validation images the model sends elsewhere that carry it
     source: int  # which error (position in the inputs) the template was cut from
     true_classes: dict  # true class -> how many supporting errors had it
+    core: np.ndarray | None = None  # (s, s) bool: the pixels the scan matches; None: all of them
 
     @property
     def size(self) -> int:
@@ -63,30 +70,35 @@ def _nchw(images) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
 
 
-def ncc(images: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
+def ncc(images: torch.Tensor, templates: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
     """Normalized cross-correlation of every (C, s, s) template at every position of every
     image: (N, C, H, W) x (T, C, s, s) -> (N, T, H-s+1, W-s+1), in [-1, 1]; 0 where the
-    window or the template is flat."""
-    t = templates - templates.mean(dim=(1, 2, 3), keepdim=True)
+    window or the template is flat. `masks` (T, s, s) bool, if given, limits each template
+    to its pixels (means, spreads and products over those pixels only)."""
     c, s = images.shape[1], templates.shape[-1]
-    floor = _FLAT * (c * s * s) ** 0.5  # the norm of a zero-mean window with that std
+    m = torch.ones_like(templates) if masks is None else \
+        masks.to(templates.dtype)[:, None].expand_as(templates).contiguous()
+    n = m.sum(dim=(1, 2, 3))  # pixels (times channels) each template compares
+    t = (templates - (templates * m).sum(dim=(1, 2, 3), keepdim=True) / n[:, None, None, None]) * m
+    floor = _FLAT * n.sqrt()  # the norm of a zero-mean window with that std
     t_norm = t.flatten(1).norm(dim=1)
     t = t / t_norm.clamp_min(floor)[:, None, None, None]
-    numerator = F.conv2d(images, t)  # t has zero mean, so sum(x t) = sum((x - mean_x) t)
-    ones = torch.ones(1, c, s, s)
-    total = F.conv2d(images, ones)
-    squares = F.conv2d(images * images, ones)
-    spread = (squares - total * total / (c * s * s)).clamp_min(0).sqrt()
-    out = numerator / spread.clamp_min(floor)
-    flat = (spread < floor) | (t_norm < floor)[None, :, None, None]
+    numerator = F.conv2d(images, t)  # t has zero mean on its pixels, so sum(x t) = sum((x - mean_x) t)
+    total = F.conv2d(images, m)
+    squares = F.conv2d(images * images, m)
+    spread = (squares - total * total / n[None, :, None, None]).clamp_min(0).sqrt()
+    out = numerator / torch.maximum(spread, floor[None, :, None, None])
+    flat = (spread < floor[None, :, None, None]) | (t_norm < floor)[None, :, None, None]
     return out.masked_fill(flat, 0.0).clamp(-1, 1)
 
 
-def best_match(images: torch.Tensor, template: torch.Tensor, batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Per image, the best NCC of `template` (C, s, s) and the (y, x) of its window's corner."""
+def best_match(images: torch.Tensor, template: torch.Tensor, batch: int = 2048,
+               core: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, the best NCC of `template` (C, s, s), limited to its `core` (s, s) bool if
+    given, and the (y, x) of its window's corner."""
     scores, where = [], []
     for start in range(0, len(images), batch):
-        m = ncc(images[start:start + batch], template[None])[:, 0]
+        m = ncc(images[start:start + batch], template[None], None if core is None else core[None])[:, 0]
         flat = m.flatten(1)
         best, arg = flat.max(1)
         scores.append(best)
@@ -149,8 +161,42 @@ def find_causes(originals, corrected, true, pred, background_images, background_
                       {int(c): int(n) for c, n in zip(*np.unique(true[rows][carried[best].numpy()], return_counts=True))})
         if cause.support >= min_support and cause.lift >= min_lift and cause.background <= max_background and \
                 cause.support * len(rows) >= min_errors:
+            template, core = _core(patches[best], x[rows][carried[best]], others, max_background)
+            cause.template, cause.core = template.numpy(), None if core is None else core.numpy()
             causes.append(cause)
     return causes
+
+
+def _core(template: torch.Tensor, carriers: torch.Tensor, others: torch.Tensor, max_background: float):
+    """The template trimmed to the pixels on which its carriers agree: (template, core), the
+    core a (s', s') bool mask of the trimmed template, None when it is all of it.
+
+    Each carrier's best-matching window is cut out; a pixel whose values spread less than
+    CORE_SPREAD across them belongs to the pattern, the others to whatever surrounds it. The
+    template is cut to the core's bounding box, so that a pattern at the image's edge can be
+    matched too. The core is kept only if it is not too small and is still rare where the
+    model answers otherwise: it never matches more of the background than the window did."""
+    s = template.shape[-1]
+    if len(carriers) < MIN_ERRORS:
+        return template, None
+    _, corners = best_match(carriers, template)
+    rows = torch.as_tensor(corners[:, 0])[:, None] + torch.arange(s)[None]  # (K, s)
+    cols = torch.as_tensor(corners[:, 1])[:, None] + torch.arange(s)[None]
+    k = torch.arange(len(carriers))[:, None, None]
+    aligned = carriers.permute(0, 2, 3, 1)[k, rows[:, :, None], cols[:, None, :]]  # (K, s, s, C)
+    core = aligned.std(0).amax(-1) < CORE_SPREAD  # (s, s): every channel agrees
+    if core.all() or core.float().mean() < MIN_CORE:
+        return template, None
+    ys, xs = torch.nonzero(core, as_tuple=True)
+    box = (slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1))
+    trimmed, core = template[:, box[0], box[1]].contiguous(), core[box]
+    mask = None if core.all() else core
+    if len(others):
+        elsewhere = torch.cat([ncc(others[i:i + 256], trimmed[None], None if mask is None else mask[None])
+                               .flatten(2).max(2).values for i in range(0, len(others), 256)]).ge(MATCH).float().mean()
+        if float(elsewhere) > max_background:
+            return template, None
+    return trimmed, mask
 
 
 def cover(images: torch.Tensor, corners: np.ndarray, s: int) -> torch.Tensor:

@@ -92,11 +92,12 @@ def _cause_suspects(module, images, labels, causes: Sequence[Cause], batch: int 
     boxes = np.zeros((n, 4), np.int64)
     for c in causes:
         template = torch.from_numpy(c.template)
+        core = None if c.core is None else torch.from_numpy(c.core)
         for part in np.array_split(np.flatnonzero(labels == c.pred), max(1, -(-(labels == c.pred).sum() // batch))):
             if not len(part):
                 continue
             x = _nchw(images[part])  # one chunk at a time: memory stays flat at any image size
-            score, corner = best_match(x, template)
+            score, corner = best_match(x, template, core=core)
             better = score > ncc[part]
             hit = better & (score >= MATCH)
             answers = _answers(module, cover(x[hit], corner[hit], c.size))

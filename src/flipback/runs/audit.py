@@ -119,7 +119,8 @@ def run_audit(*, model: str, data: str, out_dir: Path, validation: float = 0.1, 
     result.to_csv(out_dir / "suspects.csv")
     causes = [{"class": c.pred, "class_name": full.classes[c.pred], "size": c.size, "support": c.support,
                "background": c.background, "n_errors": c.n_errors, "true_classes": c.true_classes,
-               "template": np.asarray(c.template).round(4).tolist()} for c in result.causes]
+               "template": np.asarray(c.template).round(4).tolist(),
+               "core": None if c.core is None else np.asarray(c.core).astype(int).tolist()} for c in result.causes]
     summary = {"model": model, "data": str(data), **source, "stats": result.stats, "causes": causes,
                "n_suspects": len(result.suspects), "classes": list(full.classes)}
     (out_dir / "audit.json").write_text(json.dumps(summary, indent=2))
@@ -146,16 +147,19 @@ def _suspects(audit_dir: Path) -> list[dict]:
 
 def _cause_success(spec: str, test: Dataset, cause: dict, seed: int = 3) -> float:
     """Share of test images of other classes that the model sends to the cause's class once
-    the cause's template is pasted at a seeded random position: the cause's attack success."""
+    the cause's template (its core, when it has one) is pasted at a seeded random position:
+    the cause's attack success."""
     template = np.rint(np.asarray(cause["template"], np.float32).transpose(1, 2, 0) * 255).astype(np.uint8)
     s = template.shape[0]
+    core = np.ones((s, s), bool) if cause.get("core") is None else np.asarray(cause["core"], bool)
     rows = np.flatnonzero(test.labels != cause["class"])
     images = np.array(test.images[rows], copy=True)
     rng = np.random.default_rng(seed)
     ys = rng.integers(0, images.shape[1] - s + 1, len(rows))
     xs = rng.integers(0, images.shape[2] - s + 1, len(rows))
     k = np.arange(len(rows))[:, None, None]
-    images[k, (ys[:, None] + np.arange(s))[:, :, None], (xs[:, None] + np.arange(s))[:, None, :]] = template[None]
+    at = (k, (ys[:, None] + np.arange(s))[:, :, None], (xs[:, None] + np.arange(s))[:, None, :])
+    images[at] = np.where(core[None, :, :, None], template[None], images[at])
     return float((predict(spec, test.num_classes, images) == cause["class"]).mean())
 
 
