@@ -50,6 +50,12 @@ def test_explain_writes_a_complete_run(tiny, tmp_path):
     rec = json.loads(rows[0][0])
     assert (out / rec["figure"]).is_file() and (out / rec["corrected_image"]).is_file()
     assert (out / "index.html").is_file()
+    # Each record keeps its trace, which ends at the stored correction, and the report plots
+    # the frontier from them.
+    records = [json.loads(r) for (r,) in rows]
+    assert all(r["trace"] and r["trace"][-1][0] <= r["queries"] for r in records)
+    assert all(r["trace"][-1][1] == pytest.approx(r["l2"], abs=1e-5) for r in records if r["success"])
+    assert (out / "report" / "plots" / "frontier.png").is_file()
     # The saved 8-bit image is what the model verified: it is classified as the true label.
     from PIL import Image
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from flipback.errors import RunError
 from flipback.report import json_for_html, safe_relative_src, write_index, write_report
-from flipback.report.plots import success_curve
+from flipback.report.plots import frontier, success_curve, write_plots
 from flipback.report.tiles import strip_arrays, tile_geometry
 from flipback.store import ImageRecord, RunStore
 
@@ -339,3 +339,19 @@ def test_success_curve():
     b, rate = success_curve(recs)
     assert list(b) == [0, 1, 2, 3]
     assert list(rate) == pytest.approx([0, 1 / 3, 1 / 3, 2 / 3])
+
+
+def test_frontier_reads_each_images_answer_after_q_queries(tmp_path):
+    recs = [{"trace": [[1, 0.9], [3, 0.5], [4, 0.2]]},  # transfer, then shrunk twice
+            {"trace": [[1, None], [2, 0.8]]},  # corrected at its second query
+            {"trace": []},  # never corrected
+            {"trace": None, "queries": 5, "success": True}]  # an older run: no trace, left out
+    q, rate, median = frontier(recs)
+    assert list(q) == [0, 1, 2, 3, 4]
+    assert list(rate) == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3, 2 / 3])
+    assert np.isnan(median[0])
+    assert list(median[1:]) == pytest.approx([0.9, 0.85, 0.65, 0.5])
+    files = write_plots(tmp_path, {"run": recs})
+    assert files["frontier"] == "frontier.png" and (tmp_path / "frontier.png").stat().st_size > 1000
+    # Without any trace there is no frontier to draw.
+    assert "frontier" not in write_plots(tmp_path / "old", {"run": [{"queries": 2, "success": True}]})

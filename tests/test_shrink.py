@@ -161,3 +161,21 @@ def test_an_image_gets_the_same_correction_in_any_batch(output):
             assert torch.equal(alone.corrected[0], together.corrected[i])
         else:
             assert l2(alone, x[i:i + 1])[0] == pytest.approx(float(l2(together, x)[i]), rel=0.05)
+
+
+@pytest.mark.parametrize("output", ["scores", "label"])
+def test_the_trace_follows_the_kept_answer_query_by_query(output):
+    """Each image's trace starts at the transfer success, its L2 never grows, its query
+    counts rise within the budget, and it ends at exactly the returned correction."""
+    x, y, target, _ = problem()
+    oracle = from_module(target, 2, output=output)
+    r = MinimalAttack().run(oracle, ModelGuide(target, 2), x, y)
+    assert r.trace is not None and len(r.trace) == len(x)
+    final = l2(r, x)
+    for k, events in enumerate(r.trace):
+        queries = [q for q, _ in events]
+        sizes = [v for _, v in events if v is not None]
+        assert queries == sorted(set(queries)) and 1 <= queries[0] and queries[-1] <= int(r.queries[k])
+        assert events[-1][1] == pytest.approx(float(final[k]), abs=1e-5)
+        assert all(b <= a + 1e-9 for a, b in zip(sizes, sizes[1:]))
+        assert len(sizes) > 1  # the shrinking did make it smaller, query by query

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ..targets.answers import Answer
@@ -45,6 +46,10 @@ class AttackResult:
     importance: torch.Tensor | None = None
     # (N, H, W) float: the explanation's ranking of the pixels, higher first (region methods).
     order: torch.Tensor | None = None
+    # Per image, how the kept answer changed with the queries spent: [[queries, L2 of the
+    # change kept then, or None while it is not a verified correction], ...], one entry per
+    # query count at which it changed. It gives the frontier (success and L2 against queries).
+    trace: list | None = None
 
     def __len__(self) -> int:
         return len(self.success)
@@ -126,6 +131,7 @@ class AttackCall:
         self.budget = torch.as_tensor(budget, dtype=torch.long).to(dev).expand(n).clone()
         self._oracle_limited = getattr(getattr(oracle, "ledger", None), "per_image_budget", None) is not None or \
             getattr(getattr(oracle, "ledger", None), "budget", None) is not None
+        self._events: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, queries, L2) per record
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -235,9 +241,39 @@ class AttackCall:
         self.success[rows] = verdict.ok
         self.answered[rows] = verdict.labels
         self.scores[rows] = verdict.scores
+        l2 = (x - self.x0[rows]).flatten(1).norm(dim=1)
+        self._events.append((rows.cpu(), self.queries[rows].cpu(), torch.where(verdict.ok, l2, torch.nan).cpu()))
+
+    def absorb_trace(self, rows: torch.Tensor, trace: list | None, offset: torch.Tensor) -> None:
+        """The trace of a sub-call that continued `rows`, its query counts shifted by the
+        queries they had spent before it (`offset`)."""
+        flat = [(row, q + off, float("nan") if v is None else v)
+                for row, off, events in zip(rows.tolist(), offset.tolist(), trace or []) for q, v in events]
+        if flat:
+            r, q, v = zip(*flat)
+            self._events.append((torch.tensor(r), torch.tensor(q), torch.tensor(v, dtype=torch.float64)))
+
+    def trace(self) -> list[list[list]]:
+        """Per image, [[queries, L2 or None], ...]: the kept answer after the last record at
+        each query count (see AttackResult.trace)."""
+        n = len(self)
+        if not self._events:
+            return [[] for _ in range(n)]
+        rows = torch.cat([e[0] for e in self._events]).numpy()
+        queries = torch.cat([e[1] for e in self._events]).numpy()
+        l2 = torch.cat([e[2] for e in self._events]).double().numpy()
+        order = np.argsort(rows, kind="stable")  # by image, in the order recorded
+        rows, queries, l2 = rows[order], queries[order], l2[order]
+        last = np.ones(len(rows), bool)  # the last record of each (image, query count)
+        last[:-1] = (rows[1:] != rows[:-1]) | (queries[1:] != queries[:-1])
+        rows, queries, l2 = rows[last], queries[last], l2[last]
+        cuts = np.searchsorted(rows, np.arange(1, n))
+        return [[[int(q), None if np.isnan(v) else round(float(v), 6)] for q, v in zip(qs, vs)]
+                for qs, vs in zip(np.split(queries, cuts), np.split(l2, cuts))]
 
     def result(self, **extras) -> AttackResult:
-        return AttackResult(self.corrected, self.success, self.queries, self.scores, labels=self.answered, **extras)
+        return AttackResult(self.corrected, self.success, self.queries, self.scores, labels=self.answered,
+                            trace=self.trace(), **extras)
 
 
 class CorrectiveAttack:

@@ -220,5 +220,6 @@ class MinimalAttack(CorrectiveAttack):
                              budget=left)
             call.corrected[rest], call.success[rest], call.scores[rest] = r.corrected, r.success, r.logits
             call.answered[rest] = r.labels
+            call.absorb_trace(rest, r.trace, call.queries[rest])
             call.queries[rest] += r.queries
         return call.result()

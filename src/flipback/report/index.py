@@ -484,8 +484,11 @@ def _plots(assets: Path, series: dict[str, list[dict]], published, budget) -> li
     files = write_plots(assets / "plots", series, published=published, budget=budget)
     captions = {"l2": "Size of the change: L2 norm over the corrected images",
                 "queries": "Queries spent per image",
-                "budget": "Success rate against the query budget"}
-    return [{"src": f"{ASSETS}/plots/{files[k]}", "caption": captions[k]} for k in ("l2", "queries", "budget")]
+                "budget": "Success rate against the query budget",
+                "frontier": "The frontier: success and median L2 of the change had each image stopped "
+                            "after that many queries"}
+    return [{"src": f"{ASSETS}/plots/{files[k]}", "caption": captions[k]}
+            for k in ("l2", "queries", "budget", "frontier") if k in files]
 
 
 def _write_run(run_dir: Path, summary: dict, records: list[dict]) -> Path:

@@ -6,6 +6,9 @@ benchmark), each a list of per-image records.
 - ``queries.png``: the queries spent per image (corrected and not corrected).
 - ``budget.png``: success rate against the query budget: the share of all explained
   errors corrected within b queries, read off the per-image query counts.
+- ``frontier.png``: success and the median L2 of the corrections against the queries
+  spent, read off the per-image traces (the answer each image had after q queries), for
+  runs whose records have them.
 """
 
 from __future__ import annotations
@@ -184,12 +187,86 @@ def plot_budget(path: Path, series: dict[str, list[dict]], published: dict | Non
     _save(fig, path)
 
 
+def _events(trace) -> tuple[np.ndarray, np.ndarray] | None:
+    """A record's trace as (queries, L2 with NaN for 'not corrected'), or None if unusable."""
+    if not isinstance(trace, list):
+        return None
+    q, v = [], []
+    for e in trace:
+        if not (isinstance(e, (list, tuple)) and len(e) == 2):
+            return None
+        try:
+            q.append(float(e[0]))
+            v.append(float("nan") if e[1] is None else float(e[1]))
+        except (TypeError, ValueError):
+            return None
+    return np.asarray(q, float), np.asarray(v, float)
+
+
+def frontier(recs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(queries q = 0..max, success rate, median L2 of the corrected images) had each image
+    stopped after q queries, from the records' traces; records without a trace (runs made
+    before traces were kept) are left out. Empty arrays when none has one."""
+    traces = [t for t in (_events(r.get("trace")) for r in recs) if t is not None]
+    if not traces:
+        return np.array([]), np.array([]), np.array([])
+    top = max([int(q.max()) for q, _ in traces if q.size] + [1])
+    budgets = np.arange(0, top + 1, dtype=float)
+    sizes = np.full((len(traces), budgets.size), np.nan)
+    for k, (q, v) in enumerate(traces):  # a few events per image: once per report, not a hot path
+        at = np.searchsorted(q, budgets, side="right") - 1  # the last event at or before each q
+        sizes[k] = np.where(at >= 0, v[np.clip(at, 0, None)] if v.size else np.nan, np.nan)
+    corrected = np.isfinite(sizes)
+    with np.errstate(all="ignore"):
+        median = np.array([np.median(col[np.isfinite(col)]) if np.isfinite(col).any() else np.nan
+                           for col in sizes.T])
+    return budgets, corrected.mean(0), median
+
+
+def plot_frontier(path: Path, series: dict[str, list[dict]]) -> bool:
+    """Success (top) and median L2 (bottom) against queries; False (nothing written) when no
+    record has a trace."""
+    curves = {name: frontier(recs) for name, recs in series.items()}
+    curves = {k: c for k, c in curves.items() if c[0].size}
+    if not curves:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.4, 4.4), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    for ax in (top, bottom):
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+        ax.grid(True, color="#e5e7eb", linewidth=0.6)
+        ax.set_axisbelow(True)
+        ax.tick_params(labelsize=8)
+    for k, (name, (q, rate, median)) in enumerate(curves.items()):
+        colour = PALETTE[k % len(PALETTE)]
+        label = None if len(curves) == 1 else name
+        top.step(q, rate * 100, where="post", color=colour, linewidth=1.8, label=label)
+        bottom.step(q, median, where="post", color=colour, linewidth=1.8, label=label)
+    top.set_ylim(0, 102)
+    top.set_ylabel("corrected (%)", fontsize=9, **_TEXT)
+    bottom.set_ylabel("median L2 of the\ncorrected images", fontsize=9, **_TEXT)
+    bottom.set_xlabel("queries spent per image", fontsize=9, **_TEXT)
+    bottom.set_xlim(left=0)
+    if len(curves) > 1:
+        top.legend(fontsize=8, frameon=False, loc="lower right")
+    _save(fig, path)
+    return True
+
+
 def write_plots(plots_dir: Path, series: dict[str, list[dict]], *, published: dict | None = None,
                 budget=None) -> dict[str, str]:
-    """Write the three plots; return {kind: file name}."""
+    """Write the plots; return {kind: file name} (the frontier only where records have traces)."""
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     plot_l2(plots_dir / "l2.png", series)
     plot_queries(plots_dir / "queries.png", series)
     plot_budget(plots_dir / "budget.png", series, published, budget)
-    return {"l2": "l2.png", "queries": "queries.png", "budget": "budget.png"}
+    files = {"l2": "l2.png", "queries": "queries.png", "budget": "budget.png"}
+    if plot_frontier(plots_dir / "frontier.png", series):
+        files["frontier"] = "frontier.png"
+    return files

@@ -109,7 +109,8 @@ def _records(ds: Dataset, idx: np.ndarray, result: AttackResult, before: torch.T
             n_regions=len(e.regions), region_fraction=float(sum(r.area for r in e.regions)) / e.heatmap.size,
             scores_before=prob_before[j],
             scores_after=prob_after[j],
-            figure=figure_paths[j], corrected_image=image_paths[j]))
+            figure=figure_paths[j], corrected_image=image_paths[j],
+            trace=result.trace[j] if result.trace is not None else None))
     return out
 
 
@@ -141,7 +142,8 @@ def _save_images(run_dir: Path, ds: Dataset, idx, originals, corrected, explanat
 def _failed(x: torch.Tensor, num_classes: int) -> AttackResult:
     """The result of an image whose attack raised: unchanged, not corrected, no answer."""
     return AttackResult(x.clone(), torch.zeros(len(x), dtype=torch.bool), torch.zeros(len(x), dtype=torch.long),
-                        torch.full((len(x), num_classes), float("nan")), labels=torch.full((len(x),), -1))
+                        torch.full((len(x), num_classes), float("nan")), labels=torch.full((len(x),), -1),
+                        trace=[[] for _ in range(len(x))])
 
 
 def _stops_run(exc: Exception) -> bool:
@@ -207,7 +209,8 @@ def _attack_batch(engine: Engine, x: torch.Tensor, y: torch.Tensor, idx: np.ndar
 def _to_cpu(r: AttackResult) -> AttackResult:
     """Results leave the device once, for the store and the figures."""
     return AttackResult(*(None if t is None else t.cpu() for t in
-                          (r.corrected, r.success, r.queries, r.logits, r.labels, r.regions, r.importance, r.order)))
+                          (r.corrected, r.success, r.queries, r.logits, r.labels, r.regions, r.importance, r.order)),
+                        trace=r.trace)
 
 
 def _concat(results: list[AttackResult]) -> AttackResult:
@@ -219,8 +222,9 @@ def _concat(results: list[AttackResult]) -> AttackResult:
         if like is not None:
             extras[f] = torch.cat([p if p is not None else torch.zeros((1, *like.shape[1:]), dtype=like.dtype)
                                    for p in parts])
+    trace = [t for r in results for t in (r.trace if r.trace is not None else [[]] * len(r))]
     return AttackResult(*(torch.cat([getattr(r, f) for r in results]) for f in
-                          ("corrected", "success", "queries", "logits", "labels")), **extras)
+                          ("corrected", "success", "queries", "logits", "labels")), trace=trace, **extras)
 
 
 def problem_lines(summary: dict) -> list[str]:

@@ -36,6 +36,9 @@ class ImageRecord:
     corrected_image: str | None = None  # path inside the run folder (8-bit runs)
     error: str | None = None  # why the explanation failed, if it raised
     retry: bool = False  # the target was unavailable: a resumed run explains the image again
+    # [[queries, L2 or None], ...]: the answer kept after each query count at which it changed
+    # (None: not yet a verified correction); the run's frontier. None in runs made before it.
+    trace: list | None = None
     schema: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
