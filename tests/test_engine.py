@@ -260,3 +260,15 @@ def test_devices_resolve_or_fail_with_one_clear_message():
     if not torch.cuda.is_available():
         with pytest.raises(FlipbackError, match="no CUDA device"):
             resolve_device("cuda:0")
+
+
+def test_summary_keeps_a_large_confusion_as_its_nonzero_cells():
+    from flipback.runs.errors import DENSE_CONFUSION, Predictions
+
+    labels = np.array([0, 0, 1, 2, 2, 2, 5])
+    predicted = np.array([0, 3, 1, 4, 4, 2, -1])  # the last one unanswered: left out
+    small = Predictions(labels, predicted).confusion_summary(10)
+    assert set(small) == {"confusion"} and np.array(small["confusion"]).sum() == 6
+    assert small["confusion"][2][4] == 2
+    big = Predictions(labels, predicted).confusion_summary(DENSE_CONFUSION + 900)
+    assert big == {"confusion_pairs": [[2, 4, 2], [0, 0, 1], [0, 3, 1], [1, 1, 1], [2, 2, 1]]}

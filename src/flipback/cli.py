@@ -70,7 +70,7 @@ def _log(msg: str) -> None:
 
 def _print_summary(summary: dict, run_dir: Path) -> None:
     if _state["json"]:
-        print(json.dumps({k: v for k, v in summary.items() if k not in ("confusion",)}))
+        print(json.dumps({k: v for k, v in summary.items() if k not in ("confusion", "confusion_pairs")}))
         return
     if _state["quiet"]:
         return
@@ -453,7 +453,7 @@ def demo(
         summaries = run_demo(data=data, out_dir=out_dir, method=method, limit=limit, device=device,
                              show_progress=not _state["quiet"], log=_log)
         if _state["json"]:
-            print(json.dumps({mode: {k: v for k, v in s.items() if k != "confusion"} for mode, s in summaries.items()}))
+            print(json.dumps({mode: {k: v for k, v in s.items() if k not in ("confusion", "confusion_pairs")} for mode, s in summaries.items()}))
             return
         for mode, summary in summaries.items():
             _print_summary(summary, out_dir / mode)

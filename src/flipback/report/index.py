@@ -354,7 +354,8 @@ def _comparison(columns: list[tuple[dict, dict]], published: dict | None, title:
 
 
 def _summary_rows(summary: dict) -> list[tuple[str, str]]:
-    return [(str(k), _fmt_summary_value(v)) for k, v in (summary or {}).items() if k != "confusion"]
+    return [(str(k), _fmt_summary_value(v)) for k, v in (summary or {}).items()
+            if k not in ("confusion", "confusion_pairs")]
 
 
 def _lead(s: dict) -> str:

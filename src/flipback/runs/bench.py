@@ -50,7 +50,7 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
                             max_memory=max_memory, classes=classes)
         log(f"bench: {method}")
         summary = run_explain(cfg, out_dir / method, show_progress=show_progress, log=log, ray=ray)
-        results[method] = {k: v for k, v in summary.items() if k not in ("confusion", "classes")}
+        results[method] = {k: v for k, v in summary.items() if k not in ("confusion", "confusion_pairs", "classes")}
     headline = results.get("paper") or next(iter(results.values()))
     combined = {**headline, "methods": results, "published": PAPER[mode]}
     out_dir.mkdir(parents=True, exist_ok=True)

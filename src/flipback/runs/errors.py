@@ -17,6 +17,8 @@ from ..data import Dataset
 from ..errors import FlipbackError, ModelError
 from .progress import progress_bar
 
+DENSE_CONFUSION = 100  # classes up to which summary.json holds the whole confusion matrix
+
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC (or float) -> float32 NCHW in [0, 1]."""
@@ -53,6 +55,17 @@ class Predictions:
         ok = self.answered
         np.add.at(m, (self.labels[ok], self.predicted[ok]), 1)
         return m
+
+    def confusion_summary(self, num_classes: int) -> dict:
+        """For summary.json: the whole matrix up to DENSE_CONFUSION classes; above that (an
+        ImageNet model: a million cells, megabytes of zeros) the nonzero cells only, as
+        `confusion_pairs` [[true, predicted, count], ...], most frequent first."""
+        if num_classes <= DENSE_CONFUSION:
+            return {"confusion": self.confusion(num_classes).tolist()}
+        ok = self.answered
+        cells, counts = np.unique(np.stack([self.labels[ok], self.predicted[ok]], 1), axis=0, return_counts=True)
+        order = np.lexsort((cells[:, 1], cells[:, 0], -counts))
+        return {"confusion_pairs": [[int(t), int(p), int(n)] for (t, p), n in zip(cells[order], counts[order])]}
 
 
 def _top1(scores: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[np.ndarray, list[str | None]]:

@@ -279,7 +279,7 @@ def summarize(cfg: ExplainConfig, ds: Dataset, preds: Predictions, records: list
         "n_failed_with_error": sum(1 for r in records if r.error),
         "n_to_retry": sum(1 for r in records if r.retry),
         "seconds": seconds, "images_per_second": len(records) / seconds if seconds > 0 else None,
-        "classes": ds.classes, "confusion": preds.confusion(ds.num_classes).tolist(),
+        "classes": ds.classes, **preds.confusion_summary(ds.num_classes),
     }
 
 
