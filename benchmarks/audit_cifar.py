@@ -12,6 +12,8 @@
 - Then A is fine-tuned once more by the same recipe (same steps), once per seed of `--seeds`, on:
   - the 45,000 as they are (no repair);
   - the 45,000 without the likely wrong labels (flipback drop);
+  - controls for that drop: as many images dropped at random, and cleanlab's label issues
+    (find_label_issues on model A's probabilities, in sample like flipback's evidence) dropped;
   - the 45,000 plus the validation errors with their true labels (same data, no flipback);
   - the 45,000 plus flipback's corrections of those errors with their true labels.
 Test accuracy and the most common confusion pairs of each, on the untouched test split.
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from flipback.audit import audit
 from flipback.audit.labels import correct
@@ -69,9 +72,23 @@ def main() -> None:
     label_suspects = result.flagged("label")
     log(f"audit {seconds:.0f} s: {result.stats}")
     errors_x, errors_y = np.asarray(val.images)[wrong], val.labels[wrong]
+    import cleanlab
+    from cleanlab.filter import find_label_issues
+
+    from flipback.runs.errors import to_tensor
+
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(net(to_tensor(np.asarray(train.images[i:i + 1000]))), 1)
+                           for i in range(0, len(train), 1000)]).numpy()
+    cleanlab_issues = np.flatnonzero(find_label_issues(train.labels, probs))
+    at_random = np.sort(np.random.default_rng(0).choice(len(train), len(label_suspects), replace=False))
+    log(f"cleanlab {cleanlab.__version__}: {len(cleanlab_issues)} label issues "
+        f"({len(np.intersect1d(cleanlab_issues, label_suspects))} of them among flipback's {len(label_suspects)})")
     plans = {
         "fine-tune, no repair": RepairPlan(),
         "flipback: drop likely wrong labels": RepairPlan(drop=label_suspects),
+        "control: drop as many at random": RepairPlan(drop=at_random),
+        f"cleanlab {cleanlab.__version__}: drop its label issues": RepairPlan(drop=cleanlab_issues),
         "validation errors added (no flipback)": RepairPlan(extra_images=errors_x, extra_labels=errors_y),
         "flipback corrections of them added": RepairPlan(extra_images=c.corrected[wrong], extra_labels=errors_y),
     }
@@ -91,6 +108,8 @@ def main() -> None:
     (out / "summary.json").write_text(json.dumps({
         "n_train": len(train), "n_validation": len(val), "validation_errors": int((c.predicted != val.labels).sum()),
         "corrected": int(len(wrong)), "audit": result.stats, "audit_seconds": seconds,
+        "cleanlab_issues": int(len(cleanlab_issues)),
+        "cleanlab_flipback_overlap": int(len(np.intersect1d(cleanlab_issues, label_suspects))),
         "causes": [{"class": train.classes[k.pred], "support": k.support, "background": k.background}
                    for k in result.causes], "results": results}, indent=2, default=float))
 
