@@ -51,27 +51,35 @@ def current_change(call: AttackCall, rows: torch.Tensor) -> torch.Tensor:
     return c - p
 
 
-def _bisect(call: AttackCall, rows, p, direction, lo, hi, steps: int, keep: int = 0):
+def _asker(call: AttackCall, rows, p, observe=None):
+    """ask(k, change): ask the target about p + change for local rows k, keep the answer where
+    it is correct and smaller than the best so far, and return the verdict. `observe(k,
+    actual change, verdict)`, if given, sees every answer first."""
+    def ask(k: torch.Tensor, change: torch.Tensor):
+        x = _image(call, p[k], change)
+        verdict = call.check(rows[k], x)
+        actual = x.flatten(1) * 255 - p[k]
+        if observe is not None:
+            observe(k, actual, verdict)
+        best = current_change(call, rows[k]).norm(dim=1)
+        call.record(rows[k], x, verdict, where=verdict.ok & (actual.norm(dim=1) < best))
+        return verdict
+    return ask
+
+
+def _bisect(call: AttackCall, rows, p, direction, lo, hi, steps: int, keep: int = 0, ask=None) -> None:
     """Bisection on t in (lo, hi] for the shortest correct p + t * direction, where hi is
-    known (or assumed) correct. Keeps every try that is correct and smaller than the best.
-    Returns the final hi (the smallest correct factor found; unchanged where none was)."""
-    best = current_change(call, rows).norm(dim=1)
+    known (or assumed) correct, for rows with more than `keep` queries left. `ask` (see
+    `_asker`, the default) asks and keeps each try that is correct and smaller than the best."""
+    ask = ask or _asker(call, rows, p)
     for _ in range(steps):
-        live = call.left(rows) > keep
-        if not bool(live.any()):
+        k = (call.left(rows) > keep).nonzero().squeeze(1)
+        if len(k) == 0:
             break
-        r = rows[live]
-        t = (lo[live] + hi[live]) / 2
-        x = _image(call, p[live], t[:, None] * direction[live])
-        verdict = call.check(r, x)
-        norm = (x.flatten(1) * 255 - p[live]).norm(dim=1)
-        smaller = verdict.ok & (norm < best[live])
-        call.record(r, x, verdict, where=smaller)
-        sub = live.nonzero().squeeze(1)
-        best[sub[smaller]] = norm[smaller]
-        hi[sub] = torch.where(verdict.ok, t, hi[sub])
-        lo[sub] = torch.where(verdict.asked & ~verdict.ok, t, lo[sub])
-    return hi
+        t = (lo[k] + hi[k]) / 2
+        verdict = ask(k, t[:, None] * direction[k])
+        hi[k] = torch.where(verdict.ok, t, hi[k])
+        lo[k] = torch.where(verdict.asked & ~verdict.ok, t, lo[k])
 
 
 def shrink(call: AttackCall, rows: torch.Tensor, *, line_steps: int = 5, rounds: int | None = None,
@@ -169,33 +177,21 @@ def estimate(call: AttackCall, rows: torch.Tensor, *, line_steps: int = 5, probe
     labels = call.labels[rows]
     reach = torch.full((n,), float(reach), device=dev)
 
-    def ask(k: torch.Tensor, change: torch.Tensor):
-        """Ask the target about x0 + change for local rows k; store the measurement, keep
-        a smaller correct change. Returns the verdict."""
-        x = _image(call, p[k], change)
-        verdict = call.check(rows[k], x)
-        actual = x.flatten(1) * 255 - p[k]
+    def measure(k: torch.Tensor, actual: torch.Tensor, verdict):
+        """Every answer with scores is a measurement of the target's margin at x0 + actual."""
         m = _oracle_margin(verdict.scores, labels[k])
         stored = verdict.asked & torch.isfinite(m)
         if bool(stored.any()):
             kk, at = k[stored], slot[k[stored]] % memory
             offsets[kk, at], margins[kk, at], filled[kk, at] = actual[stored], m[stored], True
             slot[kk] += 1
-        best = current_change(call, rows[k]).norm(dim=1)
-        call.record(rows[k], x, verdict, where=verdict.ok & (actual.norm(dim=1) < best))
-        return verdict
 
-    # The line search along the transferred change, its answers kept as measurements.
-    start = current_change(call, rows)
-    lo, hi = torch.zeros(n, device=dev), torch.ones(n, device=dev)
-    for _ in range(line_steps):  # before anything is kept for later stages: it gains most per query
-        k = (call.left(rows) > 0).nonzero().squeeze(1)
-        if len(k) == 0:
-            break
-        t = (lo[k] + hi[k]) / 2
-        verdict = ask(k, t[:, None] * start[k])
-        hi[k] = torch.where(verdict.ok, t, hi[k])
-        lo[k] = torch.where(verdict.asked & ~verdict.ok, t, lo[k])
+    ask = _asker(call, rows, p, observe=measure)
+
+    # The line search along the transferred change, its answers kept as measurements; before
+    # anything is kept for later stages: it gains most per query.
+    _bisect(call, rows, p, current_change(call, rows), torch.zeros(n, device=dev), torch.ones(n, device=dev),
+            line_steps, ask=ask)
     for round_ in range(100 if rounds is None else rounds):
         live = (call.left(rows) > keep + probes).nonzero().squeeze(1)
         if len(live) == 0:
