@@ -11,9 +11,10 @@ batched:
    The template is the window whose share among those errors exceeds by most its share
    among validation images the model sends elsewhere; it is a cause only if it is much more
    common in the errors (`lift`) and rare elsewhere: an edge, a flat patch or a common
-   texture is everywhere, a trigger is not. The window is a fixed size, so it may hold some
-   of the image around a smaller pattern: its *core*, the pixels on which the errors that
-   carry it agree, is what the scan then matches.
+   texture is everywhere, a trigger is not. The window is a fixed size and sits where the
+   change was largest, so it may hold part of the pattern and some of the image around it:
+   the template is then re-cut, wider, from the errors that carry it and trimmed to its
+   *core*, the pixels on which they agree; that is what the scan matches.
 2. `scan`: the best NCC of the template over every training image labelled p, and where.
 3. `cover`: the same images with that window replaced by a blur of its surroundings; the
    audit verifies a suspect when the model's answer then leaves p.
@@ -100,7 +101,10 @@ def best_match(images: torch.Tensor, template: torch.Tensor, batch: int = 2048,
     for start in range(0, len(images), batch):
         m = ncc(images[start:start + batch], template[None], None if core is None else core[None])[:, 0]
         flat = m.flatten(1)
-        best, arg = flat.max(1)
+        best = flat.max(1).values
+        # Of matches equal to 1e-4 the first (top-left) one: a periodic pattern matches a part
+        # of itself at several shifts, and the same choice for every image keeps them aligned.
+        arg = (flat >= best[:, None] - 1e-4).float().argmax(1)
         scores.append(best)
         where.append(torch.stack([arg // m.shape[-1], arg % m.shape[-1]], 1))
     if not scores:
@@ -167,36 +171,64 @@ def find_causes(originals, corrected, true, pred, background_images, background_
     return causes
 
 
-def _core(template: torch.Tensor, carriers: torch.Tensor, others: torch.Tensor, max_background: float):
-    """The template trimmed to the pixels on which its carriers agree: (template, core), the
-    core a (s', s') bool mask of the trimmed template, None when it is all of it.
+def _core_once(template: torch.Tensor, mask, carriers: torch.Tensor, others: torch.Tensor, max_background: float):
+    """One pass of `_core`; `mask` limits the template's matching to its core. The pattern itself: (template, core), the template re-cut from the carriers and trimmed
+    to the pixels on which they agree, the core a bool mask of it (None when it is all of it).
 
-    Each carrier's best-matching window is cut out; a pixel whose values spread less than
-    CORE_SPREAD across them belongs to the pattern, the others to whatever surrounds it. The
-    template is cut to the core's bounding box, so that a pattern at the image's edge can be
-    matched too. The core is kept only if it is not too small and is still rare where the
-    model answers otherwise: it never matches more of the background than the window did."""
+    The window was cut where a correction changed most, so it may hold only part of the
+    pattern and some of what surrounds it. Around each carrier's best match a window wider by
+    half its side on every side is cut out (beyond the image's edge: missing); a pixel whose
+    values spread less than CORE_SPREAD across the carriers (most of them having it) belongs
+    to the pattern, the others to whatever surrounds it. The template is the carriers'
+    median there, cut to the core's bounding box, so that a pattern at the image's edge can be
+    matched too. It is kept only if the core is not too small and still rare where the model
+    answers otherwise: it never matches more of the background than the window did."""
     s = template.shape[-1]
+    r = max(1, s // 2)
     if len(carriers) < MIN_ERRORS:
-        return template, None
-    _, corners = best_match(carriers, template)
-    rows = torch.as_tensor(corners[:, 0])[:, None] + torch.arange(s)[None]  # (K, s)
-    cols = torch.as_tensor(corners[:, 1])[:, None] + torch.arange(s)[None]
+        return template, mask
+    _, corners = best_match(carriers, template, core=mask)
+    # Padded with NaN, so that a carrier near the edge still counts for the pixels it has.
+    padded = F.pad(carriers, (r, r, r, r), value=float("nan"))
+    corners, side = torch.as_tensor(corners), s + 2 * r  # corners in the padded images
+    rows = corners[:, :1] + torch.arange(side)[None]  # (K, side)
+    cols = corners[:, 1:] + torch.arange(side)[None]
     k = torch.arange(len(carriers))[:, None, None]
-    aligned = carriers.permute(0, 2, 3, 1)[k, rows[:, :, None], cols[:, None, :]]  # (K, s, s, C)
-    core = aligned.std(0).amax(-1) < CORE_SPREAD  # (s, s): every channel agrees
-    if core.all() or core.float().mean() < MIN_CORE:
-        return template, None
+    aligned = padded.permute(0, 2, 3, 1)[k, rows[:, :, None], cols[:, None, :]]  # (K, side, side, C)
+    seen = (~aligned.isnan()).all(-1).sum(0)  # carriers that have each pixel
+    mean = aligned.nanmean(0)
+    spread = ((aligned - mean).pow(2).nansum(0) / (seen[..., None] - 1).clamp_min(1)).sqrt()
+    # every channel agrees, over most of the carriers
+    core = (spread.amax(-1) < CORE_SPREAD) & (seen >= max(MIN_ERRORS, (len(carriers) + 1) // 2))
+    if not bool(core.any()):
+        return template, mask
     ys, xs = torch.nonzero(core, as_tuple=True)
     box = (slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1))
-    trimmed, core = template[:, box[0], box[1]].contiguous(), core[box]
+    core = core[box]
+    if core.float().mean() < MIN_CORE or core.numel() < 4:
+        return template, mask
+    trimmed = aligned.nanmedian(0).values.permute(2, 0, 1)[:, box[0], box[1]].nan_to_num(0.0).contiguous()
     mask = None if core.all() else core
     if len(others):
         elsewhere = torch.cat([ncc(others[i:i + 256], trimmed[None], None if mask is None else mask[None])
                                .flatten(2).max(2).values for i in range(0, len(others), 256)]).ge(MATCH).float().mean()
         if float(elsewhere) > max_background:
-            return template, None
+            return template, mask
     return trimmed, mask
+
+
+def _core(template: torch.Tensor, carriers: torch.Tensor, others: torch.Tensor, max_background: float):
+    """The template re-cut and trimmed to the pattern (see `_core_once`), again from each new
+    template until its size stops changing (at most three passes): a window that held only
+    part of the pattern aligns the carriers on that part, and the next pass, aligned on the
+    part itself, sees all of it."""
+    mask = None
+    for _ in range(3):
+        new, new_mask = _core_once(template, mask, carriers, others, max_background)
+        if new is template or new.shape == template.shape:
+            return new, new_mask
+        template, mask = new, new_mask
+    return template, mask
 
 
 def cover(images: torch.Tensor, corners: np.ndarray, s: int) -> torch.Tensor:
