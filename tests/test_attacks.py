@@ -263,6 +263,23 @@ def test_minimal_uint8_on_grid_and_bounded_by_hyperplane_distance():
     assert (d < 3 * dist + 2 / 255).all(), (d / dist)
 
 
+@pytest.mark.parametrize("grid_mode", ["steps", "both"])
+def test_minimal_unit_step_grid_is_verified_and_near_the_hyperplane(grid_mode):
+    """grid="steps": the 8-bit change built from unit steps in order of margin per unit of
+    squared norm, with a bisection on their count; on a linear model it lands as close to
+    the hyperplane as scale-then-round does, within the same queries."""
+    model, x, labels, dist, _ = linear_problem()
+    target = WhiteBoxTarget(model, 2)
+    r = MinimalAttack(grid=grid_mode).run(target, target, x, labels)
+    scaled = MinimalAttack().run(target, target, x, labels)
+    assert r.success.all() and on_grid(r.corrected)
+    assert torch.equal(model(r.corrected).argmax(1), labels)
+    d = l2(r.corrected, x)
+    assert (d >= dist * (1 - 1e-4)).all() and (d < 1.3 * dist + 2 / 255).all(), (d / dist)
+    assert float(d.median()) <= 1.02 * float(l2(scaled.corrected, x).median())
+    assert (r.queries <= scaled.queries.max()).all()
+
+
 def test_fast_on_linear_model_corrects_in_one_query():
     # The linearization is exact and the step overshoots 3x: one query per image.
     model, x, labels, dist, _ = linear_problem()

@@ -12,6 +12,13 @@ a per-image factor, then rounded; the factor comes from a geometric bisection wi
 query per try. (Projecting onto the boundary linearized at the float point, on the grid,
 was tried too: it needs a larger margin to succeed and ends with larger changes.)
 
+With `grid="steps"`, phase 2 builds the 8-bit change from unit steps instead: the gradient
+at the best float point gives each value's margin per level, and one more level of a value
+already moved by l costs 2l + 1 of squared norm, so the steps are taken in order of margin
+per unit of squared norm (a greedy knapsack); a bisection on how many steps are taken, one
+query per try, finds the fewest that correct. `grid="both"` spends half the tries on each and
+keeps the smaller correction. (benchmarks/discrete_grid.py measures them.)
+
 Phase 3, pruning: the gradient at the corrected 8-bit point ranks its unit steps by the
 margin each buys per unit of squared norm; the worst are taken back while the
 linearized margin stays above a fraction of the current one, verified by a query.
@@ -45,6 +52,9 @@ from .projection import project_to_halfspace
 from .shrink import estimate, shrink
 
 BLACK_BOX = ("shrink", "boundary")
+GRIDS = ("scale", "steps", "both")
+STEP_VALUES = 8192  # the unit-step grid considers at most this many values per image (largest gradients)
+STEP_LEVELS = 64  # and at most this many levels per value
 
 
 class MinimalAttack(CorrectiveAttack):
@@ -54,10 +64,14 @@ class MinimalAttack(CorrectiveAttack):
                  prune_steps: int = 2, prune_keep: float = 0.3, tolerance: float = 0.01, patience: int = 2,
                  alpha_max: float = 0.1, overshoot: float = 1.05, backtrack: float = 0.9,
                  max_queries: int | None = None, black_box: str = "shrink", line_steps: int = 4,
-                 rotate: float = 0.5, probes: int = 2, confidence: float = 4.0, pixels: str = "uint8"):
+                 rotate: float = 0.5, probes: int = 2, confidence: float = 4.0, grid: str = "scale",
+                 pixels: str = "uint8"):
         super().__init__(pixels=pixels)
         if black_box not in BLACK_BOX:
             raise ValueError(f"black_box must be one of {BLACK_BOX}, got {black_box!r}")
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+        self.grid = grid
         self.black_box, self.line_steps, self.rotate, self.confidence = black_box, line_steps, rotate, confidence
         self.probes = probes  # scores: probes per round of the target's gradient estimate (0: as with labels)
         self.steps = steps
@@ -91,6 +105,8 @@ class MinimalAttack(CorrectiveAttack):
         change = torch.zeros_like(pixels255)
         best = torch.zeros_like(pixels255)
         best_norm = torch.full((n,), float("inf"), device=dev)
+        best_g = torch.zeros_like(pixels255)  # the margin's gradient (per level) at the best point
+        best_m = torch.zeros(n, device=dev)  # and the margin there
         stalled = torch.zeros(n, dtype=torch.long, device=dev)
         m, g = margin(out, call.labels), grad.flatten(1) / 255
         act = torch.arange(n, device=dev)
@@ -116,6 +132,7 @@ class MinimalAttack(CorrectiveAttack):
             better = ok & (norm < best_norm[act])
             improved = better & (norm < (1 - self.tolerance) * best_norm[act])
             best[act[better]], best_norm[act[better]] = c[better], norm[better]
+            best_g[act[better]], best_m[act[better]] = g[better], m[better]
             stalled[act] = torch.where(improved, 0, stalled[act] + 1)
             if self.pixels == "float" and verdict is not None:
                 call.record(act, x, verdict, where=better & verdict.ok)
@@ -134,20 +151,28 @@ class MinimalAttack(CorrectiveAttack):
             return self._finish(call)
 
         # Phase 2: onto the 8-bit grid, along the best float change (or the last one),
-        # scaled by a per-image factor found by geometric bisection, one query per try.
+        # scaled by a per-image factor found by geometric bisection, one query per try;
+        # or built from unit steps (see the module docstring), or both.
         base = torch.where(found[:, None], best, change)
+        tries = {"scale": self.grid_steps, "steps": 0, "both": (self.grid_steps + 1) // 2}[self.grid]
+        if self.grid != "scale":
+            self._unit_steps(call, pixels255, shape, best, best_g, best_m, found, self.grid_steps - tries)
         lo = torch.ones(n, device=dev)  # scale known (or assumed) too small
         hi = torch.full((n,), float("inf"), device=dev)  # smallest scale known to work
         scale = torch.full((n,), self.first_scale, device=dev)
         everyone = torch.arange(n, device=dev)
-        for _ in range(self.grid_steps):
+        kept = torch.where(call.success, (call.corrected.flatten(1) * 255 - pixels255).round().norm(dim=1),
+                           torch.full((n,), float("inf"), device=dev))
+        for _ in range(tries):
             step = torch.round(base * scale[:, None])
             step = torch.maximum(torch.minimum(step, 255 - pixels255), -pixels255)
             x = ((pixels255 + step) / 255).view(shape)
             verdict = call.check(everyone, x)
             ok = verdict.ok
             better = ok & (scale < hi)
-            call.record(everyone, x, verdict, where=better)
+            norm = step.norm(dim=1)
+            call.record(everyone, x, verdict, where=better & (norm <= kept))  # never undo a smaller one
+            kept = torch.where(better & (norm <= kept), norm, kept)
             hi = torch.where(better, scale, hi)
             lo = torch.where(ok | ~verdict.asked, lo, torch.maximum(lo, scale))
             scale = torch.where(torch.isfinite(hi), torch.sqrt(lo * hi), scale * 2)
@@ -158,6 +183,54 @@ class MinimalAttack(CorrectiveAttack):
         if self.prune_steps and bool(call.success.any()):
             self._prune(call, pixels255, shape)
         return self._finish(call)
+
+    def _unit_steps(self, call: AttackCall, pixels255, shape, best, best_g, best_m, found, tries: int) -> None:
+        """Phase 2 from unit steps: the steps in order of margin per unit of squared norm
+        (linearized at the best float point), and a bisection on how many are taken."""
+        rows = found.nonzero().squeeze(1)
+        if len(rows) == 0 or tries <= 0:
+            return
+        g, p = best_g[rows], pixels255[rows]
+        k = min(STEP_VALUES, g.shape[1])
+        gain, at = g.abs().topk(k, dim=1)  # margin per level of the values that matter most
+        up = torch.gather(g, 1, at) > 0
+        room = torch.where(up, 255 - p.gather(1, at), p.gather(1, at))  # levels each value may move
+        # Levels per value: as many as the float change moves any value, and one more.
+        deepest = int(best[rows].abs().max().ceil()) + 1 if len(rows) else 1
+        levels = torch.arange(min(STEP_LEVELS, max(4, deepest)), device=g.device)
+        # Step l of a value (l = 0, 1, ...) buys `gain` for 2l + 1 of squared norm.
+        ratio = gain[:, :, None] / (2 * levels + 1)
+        usable = levels < room[:, :, None]
+        ratio = torch.where(usable, ratio, torch.zeros_like(ratio)).flatten(1)
+        order = torch.argsort(ratio, dim=1, descending=True, stable=True)
+        bought = torch.where(usable, gain[:, :, None].expand_as(ratio.view(len(rows), k, -1)),
+                             torch.zeros_like(ratio.view(len(rows), k, -1))).flatten(1).gather(1, order).cumsum(1)
+        # The linearized margin at x0 + d is m_b + g . (d - c_b): the steps must buy this much.
+        need = 2 * MIN_MARGIN - best_m[rows] + (g * best[rows]).sum(1)
+        first = (torch.searchsorted(bought, need[:, None].contiguous()).squeeze(1) + 1).clamp(max=bought.shape[1])
+        lo = torch.zeros(len(rows), device=g.device)  # step counts known too few
+        hi = torch.full((len(rows),), float("inf"), device=g.device)  # fewest known to work
+        count = (first.float() * self.first_scale).ceil().clamp(max=bought.shape[1])
+        sign = torch.where(up, 1.0, -1.0)
+        n_total = ratio.shape[1]
+        for _ in range(tries):
+            live = ~(torch.isfinite(hi) & (hi - lo <= 1))  # the fewest steps are known: nothing to ask
+            if not bool(live.any()):
+                break
+            r, c = rows[live], count[live]
+            taken = (torch.arange(n_total, device=g.device)[None] < c[:, None]).float()
+            per_step = torch.zeros_like(taken).scatter_(1, order[live], taken)  # back to (value, level) order
+            step = torch.zeros_like(p[live]).scatter_(1, at[live], per_step.view(len(r), k, -1).sum(2) * sign[live])
+            x = ((p[live] + step) / 255).view(shape)
+            verdict = call.check(r, x)
+            ok = verdict.ok
+            norm = step.norm(dim=1)
+            kept = torch.where(call.success[r], (call.corrected[r].flatten(1) * 255 - p[live]).round().norm(dim=1),
+                               torch.full_like(norm, float("inf")))
+            call.record(r, x, verdict, where=ok & (norm < kept))
+            hi[live] = torch.where(ok, torch.minimum(hi[live], c), hi[live])
+            lo[live] = torch.where(verdict.asked & ~ok, torch.maximum(lo[live], c), lo[live])
+            count = torch.where(torch.isfinite(hi), ((lo + hi) / 2).ceil(), (count * 2).clamp(max=n_total))
 
     def _transfer_and_shrink(self, call: AttackCall) -> AttackResult:
         """Black-box: a transfer correction at about one query, then every query left on

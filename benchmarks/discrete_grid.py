@@ -1,0 +1,77 @@
+"""White-box `minimal` on the 8-bit grid: how much does choosing which pixels to take back by
+one level (the pruning phase) gain over plain scale-then-round? (issue 13)
+
+    python benchmarks/discrete_grid.py [--split train] [--limit 400] [--out grid.json]   (needs ../shared)
+
+`minimal` finds a float change, then scales it and rounds it to the grid (a bisection on the
+scale, `grid_steps` queries), then prunes: the unit steps that buy least margin per unit of
+norm (the target's gradient at the corrected point) are taken back while the image stays
+corrected, `prune_steps` queries. Rows: the float change itself (not an image, for
+reference), scale-then-round alone (prune_steps 0) and 2, 4 and 8 pruning steps, all on the
+same errors of the public ResNet-20. The default split is the train split's errors: settings
+are chosen there, never on test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from flipback.attacks import MinimalAttack
+from flipback.data import load_dataset
+from flipback.runs.errors import predict_dataset, to_tensor
+from flipback.targets import WhiteBoxTarget, load_model
+
+MODEL = "cifar_resnet20:../shared/models/cifar10_resnet20.th"
+DATA = "../shared/data/cifar10-jpeg"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--limit", type=int, default=400)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    ds = load_dataset(DATA, split=args.split)
+    target = WhiteBoxTarget(load_model(MODEL, 10).module, 10)
+    idx = predict_dataset(lambda b: target.predict(b, counted=False), ds, show_progress=False).misclassified
+    idx = idx[:: max(1, len(idx) // args.limit)][: args.limit]  # spread over the split, not one class
+    x, y = to_tensor(ds.images[idx]), torch.from_numpy(ds.labels[idx])
+    settings = {"float change (reference, not an image)": dict(pixels="float", prune_steps=0),
+                "scale-then-round only (prune 0)": dict(prune_steps=0),
+                "scale-then-round + prune 2 (default)": dict(prune_steps=2),
+                "scale-then-round + prune 4": dict(prune_steps=4),
+                "scale-then-round + prune 8": dict(prune_steps=8),
+                "unit steps (grid=steps), prune 0": dict(grid="steps", prune_steps=0),
+                "unit steps (grid=steps) + prune 2": dict(grid="steps", prune_steps=2),
+                "both (grid=both) + prune 2": dict(grid="both", prune_steps=2)}
+    rows = []
+    print(f"{len(idx)} errors of the {args.split} split")
+    print("| setting | success | mean queries | median L2 | median L0 (values changed) | seconds |")
+    print("|---|---|---|---|---|---|")
+    for name, kw in settings.items():
+        t0 = time.perf_counter()
+        parts = [MinimalAttack(**kw).run(target, target, x[i:i + 256], y[i:i + 256], torch.arange(i, min(i + 256, len(x))))
+                 for i in range(0, len(x), 256)]
+        secs = time.perf_counter() - t0
+        ok = torch.cat([p.success for p in parts])
+        corrected = torch.cat([p.corrected for p in parts])
+        queries = torch.cat([p.queries for p in parts]).float()
+        delta = (corrected - x).flatten(1)
+        l2, l0 = delta.norm(dim=1)[ok], (delta.abs() > 0.5 / 255).sum(1)[ok].float()
+        row = {"setting": name, "success": float(ok.float().mean()), "mean_queries": float(queries.mean()),
+               "median_l2": float(l2.median()), "median_l0": float(l0.median()), "seconds": secs}
+        rows.append(row)
+        print(f"| {name} | {row['success']:.2%} | {row['mean_queries']:.2f} | {row['median_l2']:.4f} | "
+              f"{row['median_l0']:.0f} | {secs:.1f} |", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"split": args.split, "n": len(idx), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
