@@ -43,8 +43,16 @@ def test_planted_bench_writes_every_method_and_variant(tmp_path):
         best = s["methods"][name]["best"]
         assert best["pointing"] == max(v["pointing"] for v in variants.values())
         assert best["deletion_auc"] == max(v["deletion_auc"] for v in variants.values())
+        for key in ("quantus_pointing_game", "quantus_relevance_rank_accuracy", "road_auc"):
+            assert best[key] == max(v[key] for v in variants.values())
+    # Quantus's metrics (the test extra installs it) for every method, and the mean rank over them.
+    for m in s["methods"].values():
+        row = m.get("best", m)
+        assert 0 <= row["quantus_relevance_mass_accuracy"] <= 1 and set(row["road"]) == {"1.0", "2.0", "5.0", "10.0"}
+    assert set(s["mean_rank"]) == set(s["methods"]) and min(s["mean_rank"].values()) >= 1
     assert set(s["verdict"]) == {"pointing", "deletion_auc", "pointing_at_least_95"}
     maps = np.load(out / "maps.npz")
+    assert maps["images"].shape == (6, 1, 28, 28) and maps["images"].dtype == np.uint8
     assert maps["masks"].shape == (6, 28, 28) and maps["masks"].sum((1, 2)).tolist() == [16] * 6
     assert maps["flipback-regions"].shape == (6, 28, 28) and "grad_cam-diff" in maps
 
@@ -71,4 +79,6 @@ def test_real_errors_bench_scores_deletion_only(tmp_path):
     assert s["kind"] == "real" and s["n_images"] == 8 and s["n_errors"] >= 8
     assert "pointing" not in s["methods"]["flipback-regions"]
     assert set(s["verdict"]) == {"deletion_auc"}
+    assert "quantus_pointing_game" not in s["methods"]["flipback-regions"]  # no mask: ROAD only
+    assert 0 <= s["methods"]["flipback-regions"]["road_auc"] <= 1
     assert "masks" not in np.load(out / "maps.npz")

@@ -269,10 +269,13 @@ def bench_faithfulness(
     real: bool = typer.Option(False, "--real", help="The model's own test errors instead of planted ones."),
     limit: int = typer.Option(500, min=1, help="How many errors to explain."),
     baselines: Optional[str] = typer.Option(None, help="Comma-separated Captum baselines (default: all)."),
+    cue_size: int = typer.Option(4, "--cue-size", min=2, max=8,
+                                 help="Side of the planted checkerboard, px (2, 3, 4, 6: smaller is harder)."),
     device: str = typer.Option("auto", help=_DEVICE_HELP),
 ):
     """Do explanations point at the real cause? flipback's regions against Captum baselines:
-    pointing game and top-k precision on planted causes, deletion-to-correct everywhere."""
+    pointing game and top-k precision on planted causes, deletion-to-correct everywhere, and
+    Quantus's localisation metrics and ROAD when the quantus extra is installed."""
     from .runs.faithfulness import BASELINES, run_faithfulness
 
     def go():
@@ -281,7 +284,7 @@ def bench_faithfulness(
         if unknown:
             raise FlipbackError(f"unknown baseline '{unknown[0]}'", hint=f"choose from: {', '.join(BASELINES)}")
         result = run_faithfulness(data=data, model=model, out_dir=out_dir, real=real, limit=limit, baselines=chosen,
-                                  device=device, show_progress=not _state["quiet"], log=_log)
+                                  device=device, show_progress=not _state["quiet"], log=_log, cue_size=cue_size)
         if _state["json"]:
             print(json.dumps(result))
             return
@@ -311,6 +314,24 @@ def _print_faithfulness(result: dict) -> None:
             [f"{row['deletion_auc']:.3f}", f"{row['seconds_per_image']:.3f}"]
         t.add_row(name.replace("integrated_gradients", "integ_grads").replace("flipback-", "flipback "), *cells)
     out.print(t)
+    if "mean_rank" not in result:
+        return
+    q = Table(title="metrics flipback did not write (Quantus)",
+              caption="point: pointing game; rank, mass: relevance rank and mass accuracy; ROAD: errors corrected "
+                      "once the top 1..10% of pixels are imputed (noisy linear), and its AUC; mean rank over "
+                      "these (1 = best).")
+    qcols = (["point", "rank", "mass"] if planted else []) + ["ROAD 1%", "10%", "AUC", "mean rank"]
+    q.add_column("method", no_wrap=True, overflow="fold")
+    for col in qcols:
+        q.add_column(col, justify="right", no_wrap=True)
+    for name, m in sorted(result["methods"].items(), key=lambda kv: result["mean_rank"].get(kv[0], 99)):
+        row = m.get("best", m)
+        cells = ([f"{row['quantus_pointing_game']:.1%}", f"{row['quantus_relevance_rank_accuracy']:.2f}",
+                  f"{row['quantus_relevance_mass_accuracy']:.2f}"] if planted else []) + \
+            [f"{row['road']['1.0']:.0%}", f"{row['road']['10.0']:.0%}", f"{row['road_auc']:.3f}",
+             f"{result['mean_rank'][name]:.2f}"]
+        q.add_row(name.replace("integrated_gradients", "integ_grads").replace("flipback-", "flipback "), *cells)
+    out.print(q)
 
 
 @app.command("surrogate")

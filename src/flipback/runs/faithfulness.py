@@ -12,6 +12,12 @@ flipback's entries are the `regions` method (its ranked regions, pixels by their
 the margin gained) and the `minimal` method's change magnitude. Each Captum baseline runs
 for the predicted class and for the predicted-minus-true difference; the `best` table
 takes, metric by metric, the better of the two, so baselines are never shown at their worst.
+
+With the `quantus` extra installed, every map is also scored by metrics flipback did not
+write (explain/quantus_metrics.py): Quantus's pointing game, relevance rank accuracy and
+relevance mass accuracy on planted causes, and ROAD (noisy linear imputation, not a blur)
+everywhere; `mean_rank` ranks the methods over those (issue 14). `cue_size` sets the planted
+patch's side (2, 3, 4 or 6 px: the smaller, the harder to point at).
 """
 
 from __future__ import annotations
@@ -79,20 +85,41 @@ def flipback_maps(method: str, target: WhiteBoxTarget, x: torch.Tensor, y: torch
     return maps, out
 
 
-def score(maps: torch.Tensor, predict, x, y, masks) -> dict:
+def _quantus_available() -> bool:
+    try:
+        import quantus  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+QUANTUS_KEYS = ("quantus_pointing_game", "quantus_relevance_rank_accuracy", "quantus_relevance_mass_accuracy",
+                "road_auc")
+
+
+def score(maps: torch.Tensor, predict, x, y, masks, net=None, device: str = "cpu") -> dict:
     deletion = deletion_to_correct(predict, x, y, maps, FRACTIONS)
     out = {"deletion": {str(f): float(r) for f, r in zip(FRACTIONS, deletion.rates)},
            "deletion_auc": float(deletion.auc)}
     if masks is not None:
         out["pointing"] = float(pointing_game(maps, masks).float().mean())
         out["topk_precision"] = float(topk_precision(maps, masks).mean())
+    if net is not None and _quantus_available():
+        from ..explain.quantus_metrics import ROAD_PERCENTAGES, localisation, road, road_auc
+
+        if masks is not None:
+            for name, values in localisation(maps, masks).items():
+                out[f"quantus_{name}"] = float(np.nanmean(values))
+        curve = road(net, x, y.numpy(), maps, ROAD_PERCENTAGES, device=device)
+        out["road"] = {str(p): v for p, v in curve.items()}
+        out["road_auc"] = road_auc(curve)
     return out
 
 
 def best_variant(variants: dict) -> dict:
     """Metric by metric, the better of a baseline's variants (and which one it was)."""
     best: dict = {}
-    for key in ("pointing", "topk_precision", "deletion_auc"):
+    for key in ("pointing", "topk_precision", "deletion_auc", *QUANTUS_KEYS):
         vals = {v: d[key] for v, d in variants.items() if key in d}
         if vals:
             v = max(vals, key=vals.get)
@@ -100,24 +127,27 @@ def best_variant(variants: dict) -> dict:
     auc_variant = best.get("deletion_auc_variant")
     if auc_variant:
         best["deletion"] = variants[auc_variant]["deletion"]
+    road_variant = best.get("road_auc_variant")
+    if road_variant:
+        best["road"] = variants[road_variant]["road"]
     best["seconds_per_image"] = max(d["seconds_per_image"] for d in variants.values())
     return best
 
 
-def _planted_images(data: str | None, model: str | None, limit: int, show_progress: bool, log):
+def _planted_images(data: str | None, model: str | None, limit: int, show_progress: bool, log, cue: Cue = CUE):
     root = data or fashion_mnist_dir()
     if root is None or not Path(root).exists():
         raise DataError("Fashion-MNIST was not found", hint="apt-get install dataset-fashion-mnist, or pass --data")
     train = load_dataset(root, split="train", progress=show_progress)
     test = load_dataset(root, split="test", progress=show_progress)
-    models = planted_models(train, test, CUE, base=model, show_progress=show_progress, log=log)
-    errors = planted_errors(models, test, CUE)
+    models = planted_models(train, test, cue, base=model, show_progress=show_progress, log=log)
+    errors = planted_errors(models, test, cue)
     if len(errors.labels) == 0:
         raise FlipbackError("the cued model makes no planted errors: it did not learn the cue",
                             hint="use more training images (the cue is planted in 10% of them)")
     keep = np.sort(np.random.default_rng(0).permutation(len(errors.labels))[:limit])
     info = {"kind": "planted", "data": str(root), "base_model": model, "model": models.cued,
-            "cue": {"class": CUE.target, "class_name": test.classes[CUE.target], "size": CUE.size,
+            "cue": {"class": cue.target, "class_name": test.classes[cue.target], "size": cue.size,
                     "poison_fraction": 0.1},
             "clean_accuracy": models.clean_accuracy, "uncued_accuracy": models.uncued_accuracy,
             "cue_success": models.cue_success, "n_planted_errors": int(len(errors.labels)),
@@ -144,13 +174,14 @@ def _real_images(data: str | None, model: str | None, limit: int, show_progress:
 
 def run_faithfulness(*, data: str | None = None, model: str | None = None, out_dir: Path, real: bool = False,
                      limit: int = 500, baselines: tuple[str, ...] = BASELINES, batch_size: int = 128,
-                     show_progress: bool = True, log=print, device: str = "auto") -> dict:
+                     show_progress: bool = True, log=print, device: str = "auto", cue_size: int = CUE.size) -> dict:
     out_dir = Path(out_dir)
     dev = resolve_device(device)  # a device that is not there: one clear error before any work
     if real:
         info, spec, x, y, masks, k = _real_images(data, model, limit, show_progress)
     else:
-        info, spec, x, y, masks, k = _planted_images(data, model, limit, show_progress, log)
+        info, spec, x, y, masks, k = _planted_images(data, model, limit, show_progress, log,
+                                                     Cue(target=CUE.target, size=cue_size))
     net = load_model(spec, k).module.eval()
     target = WhiteBoxTarget(net, k, dev)  # moves net to `dev`; the maps and metrics stay on the CPU
 
@@ -167,7 +198,8 @@ def run_faithfulness(*, data: str | None = None, model: str | None = None, out_d
             t0 = time.perf_counter()
             maps, extra = flipback_maps(method, target, x, y, batch_size, advance)
             seconds = (time.perf_counter() - t0) / max(1, len(x))
-        methods[f"flipback-{method}"] = {**score(maps, predict, x, y, masks), **extra, "seconds_per_image": seconds}
+        methods[f"flipback-{method}"] = {**score(maps, predict, x, y, masks, net, str(dev)), **extra,
+                                         "seconds_per_image": seconds}
         maps_out[f"flipback-{method}"] = maps.numpy().astype(np.float16)
     for name in baselines:
         variants = {}
@@ -177,14 +209,20 @@ def run_faithfulness(*, data: str | None = None, model: str | None = None, out_d
                 maps = _batched(lambda sl: attribute(name, net, x[sl], y[sl], pred[sl], variant), len(x),
                                 batch_size, advance)
                 seconds = (time.perf_counter() - t0) / max(1, len(x))
-            variants[variant] = {**score(maps, predict, x, y, masks), "seconds_per_image": seconds}
+            variants[variant] = {**score(maps, predict, x, y, masks, net, str(dev)), "seconds_per_image": seconds}
             maps_out[f"{name}-{variant}"] = maps.numpy().astype(np.float16)
         methods[name] = {"variants": variants, "best": best_variant(variants)}
     summary = {**info, "n_images": int(len(x)), "fractions": list(FRACTIONS), "methods": methods,
                "verdict": verdict(methods, masks is not None)}
+    if _quantus_available():
+        from ..explain.quantus_metrics import mean_ranks
+
+        rows = {name: m.get("best", m) for name, m in methods.items()}
+        summary["mean_rank"] = mean_ranks(rows, [k for k in QUANTUS_KEYS if masks is not None or k == "road_auc"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     np.savez_compressed(out_dir / "maps.npz", labels=y.numpy(), pred=pred.numpy(),
+                        images=np.round(x.numpy() * 255).astype(np.uint8),
                         **({"masks": masks.numpy()} if masks is not None else {}), **maps_out)
     return summary
 
