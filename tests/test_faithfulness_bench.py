@@ -37,6 +37,9 @@ def test_planted_bench_writes_every_method_and_variant(tmp_path):
     assert set(s["methods"]) == {"flipback-regions", "flipback-minimal", "saliency", "grad_cam"}
     regions = s["methods"]["flipback-regions"]
     assert regions["success_rate"] == 1.0 and regions["median_regions"] >= 1
+    # regions, like each baseline, has two maps: its pixel ranking and its pixels' gains.
+    assert set(regions["variants"]) == {"order", "importance"}
+    assert regions["best"]["pointing"] == max(v["pointing"] for v in regions["variants"].values())
     for name in ("saliency", "grad_cam"):
         variants = s["methods"][name]["variants"]
         assert set(variants) == {"pred", "diff"}
@@ -55,6 +58,7 @@ def test_planted_bench_writes_every_method_and_variant(tmp_path):
     assert maps["images"].shape == (6, 1, 28, 28) and maps["images"].dtype == np.uint8
     assert maps["masks"].shape == (6, 28, 28) and maps["masks"].sum((1, 2)).tolist() == [16] * 6
     assert maps["flipback-regions"].shape == (6, 28, 28) and "grad_cam-diff" in maps
+    assert maps["flipback-regions-importance"].shape == (6, 28, 28)
 
 
 def test_unknown_baseline_is_one_clear_error(tmp_path):

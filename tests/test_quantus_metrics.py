@@ -55,6 +55,11 @@ def test_road_corrects_once_the_cause_is_imputed_and_never_with_the_wrong_map():
     assert oracle == {1.0: 0.0, 5.0: 0.0, 10.0: 1.0}  # all 9 pixels imputed only at 10%
     wrong = road(model, images, labels, (~masks).astype(np.float32), percentages=(1, 5, 10))
     assert wrong == {1.0: 0.0, 5.0: 0.0, 10.0: 0.0}
+    # Every image counts, in chunks of any size (Quantus alone averages only its first batch).
+    half = masks.astype(np.float32)
+    half[len(masks) // 2:] = 0  # the second half: a constant map, which Quantus alone refuses;
+    # its pixels rank in row-major order, so the top-left corner is imputed, not the patch
+    assert road(model, images, labels, half, percentages=(10,), batch_size=3) == {10.0: 0.5}
     assert road_auc(oracle) == pytest.approx(0.25)  # trapezoids over (0, 1, 5, 10)
 
 

@@ -33,13 +33,26 @@ def _nchw(a) -> np.ndarray:
     return np.ascontiguousarray(a[:, None] if a.ndim == 3 else a, dtype=np.float32)
 
 
+def _ordered(a: np.ndarray) -> np.ndarray:
+    """Maps with no usable value (NaN or infinite read as 0) and, where a map is constant,
+    a tiny ramp so that its pixels rank in row-major order, as flipback's own metrics break
+    ties: Quantus refuses a constant map outright, which would stop a whole benchmark."""
+    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    flat = a.reshape(len(a), -1)
+    constant = (flat == flat[:, :1]).all(1)
+    if constant.any():
+        ramp = -1e-6 * np.arange(flat.shape[1], dtype=np.float32) / flat.shape[1]
+        flat = flat.copy()
+        flat[constant] += ramp
+    return flat.reshape(a.shape)
+
+
 def localisation(maps, masks) -> dict[str, np.ndarray]:
     """Per image, Quantus's pointing game, relevance rank accuracy and relevance mass
     accuracy of `maps` against `masks` (NaN where a map has no usable value)."""
     import quantus
 
-    a, s = _nchw(maps), _nchw(masks)
-    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    a, s = _ordered(_nchw(maps)), _nchw(masks)
     x = np.zeros_like(a)  # the localisation metrics read only the maps and masks
     y = np.zeros(len(a), np.int64)
     metrics = {"pointing_game": quantus.PointingGame, "relevance_rank_accuracy": quantus.RelevanceRankAccuracy,
@@ -63,15 +76,20 @@ def road(model: torch.nn.Module, images, labels, maps, percentages: Sequence[flo
     import quantus
 
     x = _nchw(images)
-    a = np.nan_to_num(_nchw(maps), nan=0.0, posinf=0.0, neginf=0.0)
-    a = np.broadcast_to(a, x.shape).copy()  # every channel of a pixel goes together
+    a = np.broadcast_to(_ordered(_nchw(maps)), x.shape).copy()  # every channel of a pixel goes together
+    y = np.asarray(labels, np.int64)
+    totals = np.zeros(len(percentages))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        metric = quantus.ROAD(percentages=list(percentages), noise=noise, disable_warnings=True,
-                              display_progressbar=False)
-        scores = metric(model=model.eval(), x_batch=x, y_batch=np.asarray(labels, np.int64), a_batch=a,
-                        device=device, batch_size=batch_size)
-    return {float(p): float(v) for p, v in scores.items()}
+        # One call per chunk, each one batch: Quantus 0.6's ROAD averages only its first batch.
+        for start in range(0, len(x), batch_size):
+            part = slice(start, start + batch_size)
+            metric = quantus.ROAD(percentages=list(percentages), noise=noise, disable_warnings=True,
+                                  display_progressbar=False)
+            scores = metric(model=model.eval(), x_batch=x[part], y_batch=y[part], a_batch=a[part], device=device,
+                            batch_size=len(x[part]))
+            totals += np.array([scores[p] for p in percentages]) * len(x[part])
+    return {float(p): float(t / max(1, len(x))) for p, t in zip(percentages, totals)}
 
 
 def road_auc(scores: dict[float, float]) -> float:

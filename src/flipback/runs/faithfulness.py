@@ -56,15 +56,19 @@ def _batched(fn, n: int, batch_size: int, advance) -> torch.Tensor:
 
 
 def flipback_maps(method: str, target: WhiteBoxTarget, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                  advance) -> tuple[torch.Tensor, dict]:
-    """The map of a flipback method, and the regions' statistics for `regions`."""
-    stats: dict = {"success": [], "n_regions": [], "fraction": [], "queries": []}
+                  advance) -> tuple[dict[str, torch.Tensor], dict]:
+    """The maps of a flipback method by variant, and the regions' statistics for `regions`.
+    `regions` has two, as each baseline does: its ranking of every pixel (`order`, what the
+    deletion metrics read) and each changed pixel's share of the margin gained, zero outside
+    the regions (`importance`, a map in the usual sense); `minimal` one, its change."""
+    stats: dict = {"success": [], "n_regions": [], "fraction": [], "queries": [], "importance": []}
 
     def one(sl):
         if method == "regions":
             r = RegionsAttack().run(target, target, x[sl], y[sl])
             stats["n_regions"].append(r.regions.amax((1, 2)).cpu())
             stats["fraction"].append((r.regions > 0).float().mean((1, 2)).cpu())
+            stats["importance"].append(r.importance.cpu())
             m = r.order.cpu()
         else:
             r = MinimalAttack().run(target, target, x[sl], y[sl])
@@ -73,7 +77,9 @@ def flipback_maps(method: str, target: WhiteBoxTarget, x: torch.Tensor, y: torch
         stats["queries"].append(r.queries.cpu())
         return m
 
-    maps = _batched(one, len(x), batch_size, advance)
+    first = _batched(one, len(x), batch_size, advance)
+    maps = {"order": first, "importance": torch.cat(stats["importance"])} if method == "regions" else \
+        {"change": first}
     out = {"success_rate": float(torch.cat(stats["success"]).float().mean()),
            "mean_queries": float(torch.cat(stats["queries"]).float().mean())}
     if method == "regions":
@@ -196,11 +202,17 @@ def run_faithfulness(*, data: str | None = None, model: str | None = None, out_d
     for method in ("regions", "minimal"):
         with progress_bar(f"flipback {method}", total=len(x), enabled=show_progress) as advance:
             t0 = time.perf_counter()
-            maps, extra = flipback_maps(method, target, x, y, batch_size, advance)
+            by_variant, extra = flipback_maps(method, target, x, y, batch_size, advance)
             seconds = (time.perf_counter() - t0) / max(1, len(x))
-        methods[f"flipback-{method}"] = {**score(maps, predict, x, y, masks, net, str(dev)), **extra,
-                                         "seconds_per_image": seconds}
-        maps_out[f"flipback-{method}"] = maps.numpy().astype(np.float16)
+        scored = {v: {**score(m, predict, x, y, masks, net, str(dev)), "seconds_per_image": seconds}
+                  for v, m in by_variant.items()}
+        if len(scored) == 1:
+            methods[f"flipback-{method}"] = {**next(iter(scored.values())), **extra}
+        else:  # as the baselines: metric by metric, the better variant
+            first = next(iter(scored.values()))
+            methods[f"flipback-{method}"] = {**first, **extra, "variants": scored, "best": best_variant(scored)}
+        for k, (v, m) in enumerate(by_variant.items()):
+            maps_out[f"flipback-{method}" + ("" if k == 0 else f"-{v}")] = m.numpy().astype(np.float16)
     for name in baselines:
         variants = {}
         for variant in VARIANTS:
@@ -229,11 +241,11 @@ def run_faithfulness(*, data: str | None = None, model: str | None = None, out_d
 
 def verdict(methods: dict, planted: bool) -> dict:
     """Whether flipback's regions beat every baseline's best variant, metric by metric."""
-    ours = methods["flipback-regions"]
+    ours = methods["flipback-regions"].get("best", methods["flipback-regions"])
     keys = ("pointing", "deletion_auc") if planted else ("deletion_auc",)
     out = {}
     for key in keys:
-        rivals = {n: m["best"][key] for n, m in methods.items() if "best" in m}
+        rivals = {n: m["best"][key] for n, m in methods.items() if "best" in m and not n.startswith("flipback")}
         top = max(rivals, key=rivals.get) if rivals else None
         out[key] = {"flipback": ours[key], "best_baseline": top, "best_baseline_value": rivals.get(top),
                     "flipback_higher": bool(top is None or ours[key] > rivals[top])}
