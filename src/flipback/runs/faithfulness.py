@@ -202,7 +202,8 @@ def _real_images(data: str | None, model: str | None, limit: int, show_progress:
 
 
 def run_faithfulness(*, data: str | None = None, model: str | None = None, out_dir: Path, real: bool = False,
-                     limit: int = 500, baselines: tuple[str, ...] = BASELINES + SUPERPIXEL_BASELINES, batch_size: int = 128,
+                     limit: int = 500, baselines: tuple[str, ...] = BASELINES + SUPERPIXEL_BASELINES,
+                     batch_size: int = 128,
                      show_progress: bool = True, log=print, device: str = "auto", cue_size: int = CUE.size,
                      kind: str = CUE.kind) -> dict:
     out_dir = Path(out_dir)
@@ -259,7 +260,8 @@ def run_faithfulness(*, data: str | None = None, model: str | None = None, out_d
                         return attribute(name, net, x[sl], y[sl], pred[sl], variant, **matched)
                 maps = _batched(run_one, len(x), batch_size, advance)
                 seconds = (time.perf_counter() - t0) / max(1, len(x))
-            variants[variant] = {"evaluations_per_image": float(np.mean(spent)), **score(maps, predict, x, y, masks, net, str(dev), parts),
+            variants[variant] = {"evaluations_per_image": float(np.mean(spent)),
+                                 **score(maps, predict, x, y, masks, net, str(dev), parts),
                                  "seconds_per_image": seconds}
             maps_out[f"{name}-{variant}"] = maps.numpy().astype(np.float16)
         methods[name] = {"variants": variants, "best": best_variant(variants)}
