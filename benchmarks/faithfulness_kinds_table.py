@@ -61,7 +61,7 @@ def main(runs):
         print(text)
         for name, v in mr.items():
             ranks.setdefault(name, []).append(v)
-    print("**Mean rank over every kind above** (1 = best):", "")
+    print("**Mean rank over every kind above** (1 = best):\n")
     print("| method | mean rank | kinds |\n|---|---|---|")
     for name, v in sorted(ranks.items(), key=lambda kv: np.mean(kv[1])):
         print(f"| {name} | {np.mean(v):.2f} | {len(v)} |")
