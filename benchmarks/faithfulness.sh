@@ -14,4 +14,13 @@ $FB bench faithfulness --limit 500 --out "$OUT/fmnist-planted"
 $FB bench faithfulness --data $CIFAR --model $R20 --limit 500 --out "$OUT/cifar-planted"
 # The public ResNet-20's own 1,897 errors on the CIFAR-10 JPEG test set.
 $FB bench faithfulness --real --data $CIFAR --model $R20 --limit 1897 --out "$OUT/cifar-real"
+# Issue 14: graded cue kinds, on Fashion-MNIST (all) and CIFAR-10 (all but the background).
+# 60 planted errors each: what fits 2 CPU cores; raise --limit where there is more.
+for k in checker sticker or and blend background; do
+  $FB bench faithfulness --kind $k --limit 60 --out "$OUT/fmnist-$k"
+done
+for k in checker sticker or and blend; do
+  $FB bench faithfulness --kind $k --data $CIFAR --model $R20 --limit 60 --out "$OUT/cifar-$k"
+done
+.venv/bin/python benchmarks/faithfulness_kinds_table.py "$OUT"/fmnist-* "$OUT"/cifar-{checker,sticker,or,and,blend}
 .venv/bin/python benchmarks/faithfulness_table.py "$OUT"/fmnist-planted "$OUT"/cifar-planted "$OUT"/cifar-real

@@ -62,8 +62,43 @@ def test_planted_bench_writes_every_method_and_variant(tmp_path):
 
 
 def test_unknown_baseline_is_one_clear_error(tmp_path):
-    r = CliRunner().invoke(app, ["bench", "faithfulness", "--out", str(tmp_path), "--baselines", "lime"])
-    assert r.exit_code == 2 and "unknown baseline 'lime'" in r.output
+    r = CliRunner().invoke(app, ["bench", "faithfulness", "--out", str(tmp_path), "--baselines", "limey"])
+    assert r.exit_code == 2 and "unknown baseline 'limey'" in r.output
+    r = CliRunner().invoke(app, ["bench", "faithfulness", "--out", str(tmp_path), "--kind", "square"])
+    assert r.exit_code == 2 and "unknown cue kind 'square'" in r.output
+
+
+def test_and_cue_with_superpixel_baselines_matched_to_regions_queries(tmp_path):
+    data = _folder(tmp_path / "data")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["--quiet", "bench", "faithfulness", "--data", str(data), "--out", str(out),
+                                 "--limit", "4", "--kind", "and", "--baselines", "lime,kernel_shap,feature_ablation"])
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["cue"]["kind"] == "and" and set(s["part_success"]) == {"a", "b"}
+    regions = s["methods"]["flipback-regions"]
+    for name in ("lime", "kernel_shap", "feature_ablation"):
+        best = s["methods"][name]["best"]
+        assert best["evaluations_per_image"] >= regions["mean_queries"]  # compute-matched
+        assert 0 <= best["both_found"] <= 1 and 0 <= best["quantus_pointing_game"] <= 1
+    maps = np.load(out / "maps.npz")
+    assert maps["parts"].shape[1:] == (2, 28, 28)
+    assert np.array_equal(maps["masks"], maps["parts"].any(1))
+
+
+def test_blend_cue_is_scored_by_correlation_with_its_pattern(tmp_path):
+    data = _folder(tmp_path / "data")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["--quiet", "bench", "faithfulness", "--data", str(data), "--out", str(out),
+                                 "--limit", "4", "--kind", "blend", "--baselines", "saliency"])
+    if r.exit_code != 0:  # a tiny set may not learn a 10% blend: then there is nothing to explain
+        assert "did not learn the cue" in r.output, r.output
+        return
+    s = json.loads((out / "summary.json").read_text())
+    assert s["rank_metrics"] == ["pattern_correlation", "road_auc"]
+    for m in s["methods"].values():
+        row = m.get("best", m)
+        assert -1 <= row["pattern_correlation"] <= 1 and "pointing" not in row
 
 
 def test_real_errors_bench_scores_deletion_only(tmp_path):

@@ -66,3 +66,43 @@ def test_road_corrects_once_the_cause_is_imputed_and_never_with_the_wrong_map():
 def test_mean_ranks_share_ties_and_skip_missing_metrics():
     table = {"a": {"m1": 0.9, "m2": 0.5}, "b": {"m1": 0.9, "m2": 0.7}, "c": {"m1": 0.1}}
     assert mean_ranks(table, ["m1", "m2"]) == {"a": (1.5 + 2) / 2, "b": (1.5 + 1) / 2, "c": 3.0}
+
+
+@pytest.mark.parametrize("kind", ["checker", "sticker", "or", "and", "background"])
+def test_an_oracle_map_of_every_planted_kind_scores_one(kind):
+    # Issue 14: each new cue kind's mask, given as the map, is a perfect explanation.
+    from flipback.data.planted import Cue, plant
+    from flipback.explain.metrics import pointing_game, topk_precision
+
+    rng = np.random.default_rng(0)
+    images = np.zeros((6, 28, 28, 1), np.uint8)
+    images[:, 8:20, 9:19] = rng.integers(60, 256, (6, 12, 10, 1), dtype=np.uint8)
+    _, masks = plant(images, Cue(size=3, kind=kind), rng)
+    for name, s in localisation(masks.astype(np.float32), masks).items():
+        assert np.allclose(s, 1.0), (kind, name)
+    m = torch.from_numpy(masks)
+    assert pointing_game(m.float(), m).all() and torch.allclose(topk_precision(m.float(), m), torch.tensor(1.0))
+
+
+def test_the_blend_pattern_as_map_correlates_one_and_noise_near_zero():
+    from flipback.data.planted import Cue, plant
+    from flipback.explain.metrics import pattern_correlation
+
+    _, pattern = plant(np.zeros((4, 28, 28, 3), np.uint8), Cue(kind="blend"), np.random.default_rng(0))
+    p = torch.from_numpy(pattern)
+    assert torch.allclose(pattern_correlation(3 * p + 1, p), torch.ones(4), atol=1e-5)
+    noise = torch.from_numpy(np.random.default_rng(9).random((4, 28, 28)).astype(np.float32))
+    assert pattern_correlation(noise, p).abs().max() < 0.15
+    assert (pattern_correlation(torch.zeros(4, 28, 28), p) == 0).all()  # a constant map says nothing
+
+
+def test_both_found_needs_a_top_pixel_in_each_patch():
+    from flipback.explain.metrics import parts_found
+
+    parts = np.zeros((2, 2, 10, 10), bool)
+    parts[:, 0, 1:3, 1:3] = True
+    parts[:, 1, 6:8, 6:8] = True
+    maps = np.zeros((2, 10, 10), np.float32)
+    maps[0] = parts[0].any(0)  # both patches
+    maps[1, 1:3, 1:3], maps[1, 4:6, 4:6] = 1, 1  # one patch and beside the other
+    assert parts_found(torch.from_numpy(maps), torch.from_numpy(parts)).tolist() == [True, False]

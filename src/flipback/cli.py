@@ -268,23 +268,33 @@ def bench_faithfulness(
                                         "from scratch); with --real, the model whose errors are explained."),
     real: bool = typer.Option(False, "--real", help="The model's own test errors instead of planted ones."),
     limit: int = typer.Option(500, min=1, help="How many errors to explain."),
-    baselines: Optional[str] = typer.Option(None, help="Comma-separated Captum baselines (default: all)."),
+    baselines: Optional[str] = typer.Option(None, help="Comma-separated Captum baselines (default: all, with "
+                                            "lime, kernel_shap and feature_ablation on regions' superpixels)."),
     cue_size: int = typer.Option(4, "--cue-size", min=2, max=8,
                                  help="Side of the planted checkerboard, px (2, 3, 4, 6: smaller is harder)."),
+    kind: str = typer.Option("checker", "--kind",
+                             help="Planted cue: checker, sticker, or, and, blend, background (Fashion-MNIST)."),
     device: str = typer.Option("auto", help=_DEVICE_HELP),
 ):
     """Do explanations point at the real cause? flipback's regions against Captum baselines:
     pointing game and top-k precision on planted causes, deletion-to-correct everywhere, and
     Quantus's localisation metrics and ROAD when the quantus extra is installed."""
-    from .runs.faithfulness import BASELINES, run_faithfulness
+    from .runs.faithfulness import BASELINES, SUPERPIXEL_BASELINES, run_faithfulness
+
+    known = BASELINES + SUPERPIXEL_BASELINES
 
     def go():
-        chosen = tuple(b.strip() for b in baselines.split(",") if b.strip()) if baselines else BASELINES
-        unknown = [b for b in chosen if b not in BASELINES]
+        chosen = tuple(b.strip() for b in baselines.split(",") if b.strip()) if baselines else known
+        from .data.planted import KINDS
+
+        if kind not in KINDS:
+            raise FlipbackError(f"unknown cue kind '{kind}'", hint=f"choose from: {', '.join(KINDS)}")
+        unknown = [b for b in chosen if b not in known]
         if unknown:
-            raise FlipbackError(f"unknown baseline '{unknown[0]}'", hint=f"choose from: {', '.join(BASELINES)}")
+            raise FlipbackError(f"unknown baseline '{unknown[0]}'", hint=f"choose from: {', '.join(known)}")
         result = run_faithfulness(data=data, model=model, out_dir=out_dir, real=real, limit=limit, baselines=chosen,
-                                  device=device, show_progress=not _state["quiet"], log=_log, cue_size=cue_size)
+                                  device=device, show_progress=not _state["quiet"], log=_log, cue_size=cue_size,
+                                  kind=kind)
         if _state["json"]:
             print(json.dumps(result))
             return
@@ -297,7 +307,10 @@ def bench_faithfulness(
 def _print_faithfulness(result: dict) -> None:
     if _state["quiet"]:
         return
-    planted = result["kind"] == "planted"
+    masked = result["kind"] == "planted" and "pointing" in result["methods"]["flipback-regions"]
+    corr = "pattern_correlation" in result["methods"]["flipback-regions"]
+    both = "both_found" in result["methods"]["flipback-regions"]
+    planted = masked
     t = Table(title=f"faithfulness on {result['n_images']} {result['kind']} errors",
               caption="baselines: the better of their two variants (predicted class; predicted minus true), "
                       "metric by metric. 1%..10%: errors corrected once that share of the pixels, top "
@@ -320,7 +333,8 @@ def _print_faithfulness(result: dict) -> None:
               caption="point: pointing game; rank, mass: relevance rank and mass accuracy; ROAD: errors corrected "
                       "once the top 1..10% of pixels are imputed (noisy linear), and its AUC; mean rank over "
                       "these (1 = best).")
-    qcols = (["point", "rank", "mass"] if planted else []) + ["ROAD 1%", "10%", "AUC", "mean rank"]
+    qcols = (["point", "rank", "mass"] if planted else []) + (["corr"] if corr else []) + \
+        (["both"] if both else []) + ["ROAD 1%", "10%", "AUC", "evals/img", "s/img", "mean rank"]
     q.add_column("method", no_wrap=True, overflow="fold")
     for col in qcols:
         q.add_column(col, justify="right", no_wrap=True)
@@ -328,8 +342,11 @@ def _print_faithfulness(result: dict) -> None:
         row = m.get("best", m)
         cells = ([f"{row['quantus_pointing_game']:.1%}", f"{row['quantus_relevance_rank_accuracy']:.2f}",
                   f"{row['quantus_relevance_mass_accuracy']:.2f}"] if planted else []) + \
+            ([f"{row['pattern_correlation']:.3f}"] if corr else []) + \
+            ([f"{row['both_found']:.0%}"] if both else []) + \
             [f"{row['road']['1.0']:.0%}", f"{row['road']['10.0']:.0%}", f"{row['road_auc']:.3f}",
-             f"{result['mean_rank'][name]:.2f}"]
+             f"{row['evaluations_per_image']:.0f}" if row.get("evaluations_per_image") is not None else "-",
+             f"{row['seconds_per_image']:.3f}", f"{result['mean_rank'][name]:.2f}"]
         q.add_row(name.replace("integrated_gradients", "integ_grads").replace("flipback-", "flipback "), *cells)
     out.print(q)
 

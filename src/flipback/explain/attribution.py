@@ -294,6 +294,22 @@ def _runner(method: str, model: nn.Module, shape, options: dict, batch_size: int
     return _Run(run_occlusion, 1)
 
 
+def evaluations_per_image(method: str, h: int, w: int, **options) -> int:
+    """Model evaluations (forward passes, with a backward pass for the gradient methods) one
+    image costs `method`: what the compute-matched benchmark states beside each baseline."""
+    if method == "integrated_gradients":
+        return int(options.get("n_steps", 32))
+    if method == "gradient_shap":
+        return int(options.get("n_samples", 16))
+    if method == "deeplift":
+        return 2
+    if method == "occlusion":
+        side, stride = occlusion_window(h, w)
+        side, stride = int(options.get("window", side)), int(options.get("stride", stride))
+        return ((h - side) // stride + 1) * ((w - side) // stride + 1) + 1
+    return 1  # saliency, grad_cam: one forward and one backward pass
+
+
 def _reduce(method: str, attr: torch.Tensor, reduce: str, size: tuple[int, int]) -> torch.Tensor:
     """(n, C, H, W) attributions (or (n, 1, h, w) for Grad-CAM) -> (n, H, W) maps."""
     if method == "grad_cam":

@@ -203,3 +203,22 @@ def deletion_to_correct(
             correct[s:e] = (answers == labels[s:e].unsqueeze(0)).T
     rates = correct.double().mean(0)
     return DeletionResult(fractions, correct, rates, float(curve_auc(fractions, rates)))
+
+
+def pattern_correlation(maps: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
+    """Per image, Pearson's correlation between a map and a maskless cause's pattern (the
+    blended cue, issue 14): 1 when the map is the pattern up to scale and offset, 0 for a
+    map unrelated to it; 0 where either is constant."""
+    a = torch.nan_to_num(maps.float().flatten(1))
+    b = patterns.float().flatten(1)
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    den = a.norm(dim=1) * b.norm(dim=1)
+    return torch.where(den > 0, (a * b).sum(1) / den.clamp_min(1e-12), torch.zeros_like(den))
+
+
+def parts_found(maps: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: every part of a cue (N,P,H,W bool, e.g. both patches of an AND/OR cue) holds
+    at least one of the map's top-k pixels, k = the union's area."""
+    k = parts.any(1).flatten(1).sum(1)  # (N,) the union's area
+    chosen = rank_pixels(maps) < k[:, None]  # (N, H*W): pixel among the top k
+    return (parts.flatten(2) & chosen[:, None]).any(2).all(1)

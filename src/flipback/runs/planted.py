@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..data import Dataset
-from ..data.planted import Cue, PlantedErrors, cued_test_images, poison, select
+from ..data.planted import Cue, PlantedErrors, cued_test_images, plant, poison, select
 from ..targets.loading import load_model
 from ..targets.zoo import ZOO, Normalized
 from .errors import to_tensor
@@ -32,6 +32,8 @@ class PlantedModels:
     clean_accuracy: float  # of the cued model on the clean test set
     uncued_accuracy: float
     cue_success: float  # share of cued test images of other classes sent to the cue's class
+    # or/and: the same share with only the first / only the second patch (OR: high; AND: low)
+    part_success: dict | None = None
 
 
 def _recipe(base: str | None) -> dict:
@@ -88,8 +90,13 @@ def planted_models(train: Dataset, test: Dataset, cue: Cue, *, base: str | None 
                   show_progress, log)
     k = test.num_classes
     hit = float((_predict(cued, k, cued_test_images(test, cue).images) == cue.target).mean())
+    parts = None
+    if cue.n_parts > 1:  # does each patch alone trigger? it should for OR, not for AND
+        others = np.asarray(test.images[test.labels != cue.target])
+        parts = {which: float((_predict(cued, k, plant(others, cue, np.random.default_rng(1), which)[0])
+                               == cue.target).mean()) for which in ("a", "b")}
     return PlantedModels(cued, uncued, float((_predict(cued, k, test.images) == test.labels).mean()),
-                         float((_predict(uncued, k, test.images) == test.labels).mean()), hit)
+                         float((_predict(uncued, k, test.images) == test.labels).mean()), hit, parts)
 
 
 def planted_errors(models: PlantedModels, test: Dataset, cue: Cue) -> PlantedErrors:
