@@ -114,6 +114,25 @@ def test_a_window_larger_than_the_pattern_is_matched_on_its_core_only():
     assert best_match(plain, torch.from_numpy(cause.template))[0].max() < 0.8
 
 
+def test_a_pattern_that_is_not_square_gets_a_square_template_with_a_mask():
+    """A 2 x 4 strip: templates and covers are square, so the template is 4 x 4 around it and
+    its core masks out the two rows that are not the pattern."""
+    clean = _background(40, seed=2)
+    strip = CHECKER[:2]
+    rng = np.random.default_rng(3)
+    cued = clean[:30].copy()
+    for k, (y, x) in enumerate(rng.integers(0, 16 - 4 + 1, size=(30, 2))):
+        cued[k, y:y + 2, x:x + 4, 0] = strip
+    originals = np.concatenate([cued, clean[30:]])
+    corrected = np.concatenate([clean[:30], np.clip(clean[30:].astype(int) + 9, 0, 255).astype(np.uint8)])
+    (cause,) = find_causes(originals, corrected, np.zeros(40, np.int64), np.ones(40, np.int64),
+                           _background(200, seed=4), np.zeros(200, np.int64), size=4)
+    assert cause.template.shape[1] == cause.template.shape[2] == cause.size
+    assert cause.core is not None and cause.core.sum() == 8  # the strip's pixels only
+    ys, xs = np.nonzero(cause.core)
+    assert ys.max() - ys.min() == 1 and xs.max() - xs.min() == 3
+
+
 def test_masked_ncc_compares_only_the_masked_pixels():
     """A ring-shaped mask: the pixels inside it may be anything."""
     rng = np.random.default_rng(0)

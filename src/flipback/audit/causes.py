@@ -203,7 +203,14 @@ def _core_once(template: torch.Tensor, mask, carriers: torch.Tensor, others: tor
     if not bool(core.any()):
         return template, mask
     ys, xs = torch.nonzero(core, as_tuple=True)
-    box = (slice(int(ys.min()), int(ys.max()) + 1), slice(int(xs.min()), int(xs.max()) + 1))
+    # The core's bounding box, made square (templates, boxes and covers are square): the
+    # shorter side grows around the core, inside the window; the added pixels are masked out.
+    top, left = int(ys.min()), int(xs.min())
+    height, width = int(ys.max()) + 1 - top, int(xs.max()) + 1 - left
+    edge = max(height, width)
+    top = min(max(0, top - (edge - height) // 2), side - edge)
+    left = min(max(0, left - (edge - width) // 2), side - edge)
+    box = (slice(top, top + edge), slice(left, left + edge))
     core = core[box]
     if core.float().mean() < MIN_CORE or core.numel() < 4:
         return template, mask
