@@ -256,3 +256,28 @@ def test_bench_refuses_a_python_init_before_any_work(world, tmp_path):
         run_bench(model=target, data=str(data), out_dir=tmp_path / "b", mode="black-box", surrogate_data=str(data),
                   surrogate_init=_pretrain(tmp_path, 3, steps=1), show_progress=False, log=lambda m: None)
     assert not (tmp_path / "b").exists()
+
+
+def test_scratch_members_pool_large_images_and_reload_the_same(tmp_path):
+    """Scratch members see at most SCRATCH_SIZE px: a 224-px image is average-pooled by 4 (exactly
+    the 56-px mean of each 4x4 block), 64 px and below are untouched, and the saved surrogate
+    rebuilds the same pooling from its file."""
+    from flipback.targets.surrogate import SCRATCH_SIZE, Pooled, Surrogate, member_pool
+
+    assert SCRATCH_SIZE == 64
+    assert member_pool((3, 28, 28)) == member_pool((3, 64, 64)) == member_pool(None) == 1
+    assert member_pool((3, 65, 40)) == 2 and member_pool((3, 224, 224)) == 4 and member_pool((3, 240, 320)) == 5
+    torch.manual_seed(0)
+    m = build_member("cnn4", 3, 3, pool=member_pool((3, 224, 224))).eval()
+    assert isinstance(m.model, Pooled)
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        blocks = x.view(2, 3, 56, 4, 56, 4).mean((3, 5))
+        inner = m.model.net
+        torch.testing.assert_close(m(x), inner((blocks - m.mean) / m.std))
+    assert not isinstance(build_member("cnn4", 3, 3).model, Pooled)
+    meta = {"members": ["cnn4"], "num_classes": 3, "input_shape": [3, 224, 224], "member_pool": 4}
+    save_surrogate(Surrogate(m, meta), tmp_path / "s.th")
+    back = load_surrogate(tmp_path / "s.th")
+    with torch.no_grad():
+        assert torch.equal(back.module(x), m(x))

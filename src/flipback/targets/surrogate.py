@@ -8,6 +8,9 @@ A held-out part of the queried images measures how often surrogate and target ag
 Training reads each batch from the data set's (memory-mapped uint8) images, so the queried
 images never sit in memory as one float tensor (10,000 at 224 px would be 6 GB).
 
+Members trained from scratch are CIFAR-size networks; on images larger than SCRATCH_SIZE they
+first average-pool the image down (224 px: by 4, to 56 px), so their cost suits the input size.
+
 With `init` (`--init SPEC`), one member starts from a pretrained model that the user supplies
 (any white-box SPEC that `load_model` reads), at no query cost: see `build_init`.
 
@@ -20,6 +23,8 @@ one width-32 CNN, and 99.95% at 1.15 with the default three members (docs/benchm
 """
 
 from __future__ import annotations
+
+import math
 
 import re
 from dataclasses import dataclass
@@ -199,21 +204,49 @@ def build_init(spec: str, num_classes: int, input_shape, *, trust_code: bool = T
     return net if outputs == num_classes else Headed(net, outputs, num_classes)
 
 
+# Members trained from scratch see images of at most this size: larger ones are average-pooled
+# down first (member_pool). A CNN made for 32 px would cost more than the 224-px ImageNet model
+# it imitates (cnn32 at 224 px: 1.4 GMACs a forward pass; EfficientNet-Lite0: 0.4), and a few
+# thousand answers cannot teach it 224-px detail anyway.
+SCRATCH_SIZE = 64
+
+
+def member_pool(input_shape) -> int:
+    """The average-pooling factor for scratch members on images of `input_shape` (C, H, W)."""
+    if input_shape is None:
+        return 1
+    return max(1, math.ceil(max(int(input_shape[1]), int(input_shape[2])) / SCRATCH_SIZE))
+
+
+class Pooled(nn.Module):
+    """Average-pools the image by `k` (an exact linear map, so gradients reach every pixel),
+    then the network."""
+
+    def __init__(self, net: nn.Module, k: int):
+        super().__init__()
+        self.net, self.k = net, k
+        self.pool = nn.AvgPool2d(k, ceil_mode=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.pool(x))
+
+
 def build_member(name: str, num_classes: int, in_channels: int, *, init: str | None = None,
-                 input_shape=None, trust_code: bool = True) -> nn.Module:
+                 input_shape=None, trust_code: bool = True, pool: int = 1) -> nn.Module:
     if name == INIT_MEMBER:
         return build_init(init, num_classes, input_shape, trust_code=trust_code)
     kind, size = MEMBER_NAME.fullmatch(name).groups()
     net = (SurrogateCNN(num_classes, in_channels, int(size)) if kind == "cnn"
            else CifarResNet(int(size), num_classes, in_channels))
     c = in_channels
-    return Normalized(net, (SURROGATE_MEAN,) * c, (SURROGATE_STD,) * c)
+    return Normalized(Pooled(net, pool) if pool > 1 else net, (SURROGATE_MEAN,) * c, (SURROGATE_STD,) * c)
 
 
 def build_surrogate(num_classes: int, in_channels: int, members=DEFAULT_MEMBERS, *, init: str | None = None,
-                    input_shape=None, trust_code: bool = True) -> torch.nn.Module:
+                    input_shape=None, trust_code: bool = True, pool: int = 1) -> torch.nn.Module:
     """One member alone, or the ensemble of several."""
-    built = [build_member(name, num_classes, in_channels, init=init, input_shape=input_shape, trust_code=trust_code)
+    built = [build_member(name, num_classes, in_channels, init=init, input_shape=input_shape, trust_code=trust_code,
+                          pool=pool)
              for name in parse_members(members, init)]
     return built[0] if len(built) == 1 else SurrogateEnsemble(built)
 
@@ -369,7 +402,7 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
             member = (Headed(pretrained.body, pretrained.head.in_features, ds.num_classes)
                       if isinstance(pretrained, Headed) else pretrained)
         else:
-            member = build_member(name, ds.num_classes, c)
+            member = build_member(name, ds.num_classes, c, pool=member_pool((c, h, w)))
         built.append(_fit_member(member, x_all, train_idx,
                                  probs if soft else labels, soft, epochs=epochs, lr=lr, batch_size=batch_size,
                                  flip=flip and c == 3, seed=seed + i, progress=progress, device=device,
@@ -381,7 +414,7 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
             "agreement": agreement(model, held_x, held_labels),
             "member_agreement": [agreement(m, held_x, held_labels) for m in built],
             "output": "scores" if soft else "label", "epochs": epochs, "target": target_spec, "seed": seed,
-            "batch_size": batch_size}
+            "batch_size": batch_size, "member_pool": member_pool((c, h, w))}
     if init:
         meta["init"] = init  # rebuilt from this SPEC (its files must be there) when the surrogate loads
         meta["init_head"] = isinstance(pretrained, Headed)
@@ -409,8 +442,10 @@ def load_surrogate(path: Path, *, trust_model: bool = False) -> Surrogate:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         meta = obj["meta"]
         c = meta["input_shape"][0]
+        # Files from before member_pool: scratch members saw the full image.
         model = build_surrogate(meta["num_classes"], c, _members_of(meta), init=meta.get("init"),
-                                input_shape=meta["input_shape"], trust_code=trust_model)
+                                input_shape=meta["input_shape"], trust_code=trust_model,
+                                pool=int(meta.get("member_pool", 1)))
         model.load_state_dict(obj["state_dict"])
     except ModelError as exc:
         if "init" not in meta:
