@@ -8,6 +8,7 @@ flipback's own model, so evaluating it costs no target query (`free` is True).
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -16,6 +17,28 @@ import torch.nn as nn
 from ..errors import ModelError
 
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# On the CPU, convolutions at ImageNet sizes run much faster in channels-last layout: measured
+# side by side on EfficientNet-Lite0 at 224 px on 2 cores, a forward pass 9.4 -> 18.4 images/s,
+# a forward and backward pass 2.8 -> 6.2 (64 images). At 28-32 px it is not worth a copy.
+# Images at least this many pixels a side go through in that layout (the module's 4-D weights
+# converted once, in place); gradients come back contiguous. Logits differ from
+# the plain layout by float rounding only (1e-5 on Lite0's logits; MIN_MARGIN is 1e-4).
+CHANNELS_LAST_MIN = 64
+
+
+def channels_last_pays(x: torch.Tensor) -> bool:
+    """True for CPU image batches at least CHANNELS_LAST_MIN pixels a side."""
+    return x.ndim == 4 and x.device.type == "cpu" and min(x.shape[2:]) >= CHANNELS_LAST_MIN
+
+
+def to_channels_last(module: nn.Module) -> bool:
+    """Converts the module's 4-D weights to channels-last in place; False if it cannot."""
+    try:
+        module.to(memory_format=torch.channels_last)
+        return True
+    except Exception:  # a module that cannot convert keeps the plain layout
+        return False
 
 
 def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -49,9 +72,21 @@ class ModelGuide:
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.num_classes = num_classes
+        self._channels_last: bool | None = None  # decided at the first large CPU batch
+        self._layout_lock = threading.Lock()
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """x in channels-last layout where that pays (see CHANNELS_LAST_MIN), else x."""
+        if not channels_last_pays(x):
+            return x
+        if self._channels_last is None:
+            with self._layout_lock:
+                if self._channels_last is None:
+                    self._channels_last = to_channels_last(self.module)
+        return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.module(x)
+        logits = self.module(self._layout(x))
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ModelError(
                 f"the model returns {tuple(logits.shape[1:])} outputs per image but the data set has "
@@ -78,4 +113,5 @@ class ModelGuide:
                 (grad,) = torch.autograd.grad(value.sum(), x)
             else:
                 grad = torch.zeros_like(x)
-        return logits.detach().float(), grad.detach()
+        # contiguous(): after a channels-last forward (`_layout`) autograd returns that layout.
+        return logits.detach().float(), grad.detach().contiguous()
