@@ -321,3 +321,26 @@ def test_after_the_change_regions_rank_by_their_effect_on_top_of_it(max_queries)
     else:
         # Too few queries left to measure again: the effects on the original image (B 1 > C 0.2).
         assert (b_cell.flatten(1).max(1).values < c_cell.flatten(1).min(1).values).all()
+
+
+def test_default_budget_and_region_cap_follow_the_region_count():
+    """32 and 28 px keep issue 4's defaults (250 queries, 16 regions); images with more regions
+    keep the same queries after measuring each region once, and the same share of regions
+    (224 px: 196 regions, 344 queries, 30 regions). Explicit settings win; a free guide keeps 40."""
+    a = RegionsAttack()
+    assert a.budget_for(guide_free=False, shape=(32, 32)) == 250 == a.budget_for(guide_free=False, shape=(28, 28))
+    assert a.budget_for(guide_free=False) == 250
+    assert a.budget_for(guide_free=False, shape=(224, 224)) == 196 + 148 == 344
+    assert a.budget_for(guide_free=True, shape=(224, 224)) == 40
+    assert RegionsAttack(max_queries=99).budget_for(guide_free=False, shape=(224, 224)) == 99
+    assert RegionsAttack(n_segments=300).budget_for(guide_free=False, shape=(32, 32)) == 448
+    assert [a._max_regions(s) for s in (4, 78, 102, 196)] == [16, 16, 16, 30]
+    assert RegionsAttack(max_regions=5)._max_regions(196) == 5
+
+
+def test_the_call_budget_comes_from_the_image_size():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 70 * 70, 3))
+    target = WhiteBoxTarget(net, 3)
+    call = RegionsAttack().start(target, target, torch.rand(2, 3, 70, 70), torch.tensor([0, 1]), None, None)
+    assert call.budget.tolist() == [default_segments(70, 70) + 148] * 2

@@ -281,3 +281,14 @@ def test_scratch_members_pool_large_images_and_reload_the_same(tmp_path):
     back = load_surrogate(tmp_path / "s.th")
     with torch.no_grad():
         assert torch.equal(back.module(x), m(x))
+
+
+def test_a_new_head_is_fitted_on_the_frozen_body_before_fine_tuning(world, tmp_path):
+    """LP-FT: with one short epoch (3 steps), a random new head on a body that already separates
+    the classes would agree with the target by chance; fitted first on the body's outputs, the
+    surrogate agrees on >= 90% of the held-out answers."""
+    target, data = world
+    spec = _pretrain(tmp_path, 5)  # 5 outputs, the target has 3 classes
+    s, _ = _train(target, data, tmp_path / "s.th", init=spec, epochs=1)
+    assert s.meta["init_head"] is True and s.meta["linear_probe"] is True
+    assert s.meta["agreement"] >= 0.9, s.meta

@@ -289,8 +289,9 @@ class CorrectiveAttack:
             raise ValueError(f"pixels must be one of {PIXELS}, got {pixels!r}")
         self.pixels = pixels
 
-    def budget_for(self, *, guide_free: bool) -> int | None:
-        """The per-image budget of a call, with a free guide (a surrogate) or a paid one."""
+    def budget_for(self, *, guide_free: bool, shape: tuple[int, int] | None = None) -> int | None:
+        """The per-image budget of a call, with a free guide (a surrogate) or a paid one, on
+        images of `shape` (H, W) where the method's default depends on it."""
         return self.max_queries
 
     def run(self, oracle, guide, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None = None, *,
@@ -304,4 +305,5 @@ class CorrectiveAttack:
 
     def start(self, oracle, guide, images, labels, ids, budget) -> AttackCall:
         return AttackCall(oracle, guide, images, labels, ids, pixels=self.pixels,
-                          budget=self.budget_for(guide_free=guide.free) if budget is None else budget)
+                          budget=self.budget_for(guide_free=guide.free, shape=tuple(images.shape[-2:]))
+                          if budget is None else budget)

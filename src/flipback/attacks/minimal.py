@@ -85,7 +85,7 @@ class MinimalAttack(CorrectiveAttack):
         self.backtrack = backtrack
         self.max_queries = max_queries
 
-    def budget_for(self, *, guide_free: bool) -> int:
+    def budget_for(self, *, guide_free: bool, shape: tuple[int, int] | None = None) -> int:
         if self.max_queries is not None:
             return self.max_queries
         return 20 if guide_free and self.black_box == "shrink" else 40

@@ -75,7 +75,7 @@ def build_engine(cfg, num_classes: int, shape_hwc: tuple[int, int, int]) -> Engi
     attack = make_attack(cfg.method, **attack_options(cfg))
     if cfg.mode not in attack.modes:
         raise FlipbackError(f"method '{cfg.method}' does not run in {cfg.mode} mode")
-    budget = attack.budget_for(guide_free=cfg.mode == "black-box")  # held by the oracle's ledger, across sessions
+    budget = attack.budget_for(guide_free=cfg.mode == "black-box", shape=tuple(shape_hwc[:2]))  # held by the oracle's ledger, across sessions
     device = resolve_device(cfg.device)
     if cfg.mode == "white-box":
         loaded = load_model(cfg.model, num_classes, mean=cfg.mean, std=cfg.std, trust_model=cfg.trust_model)

@@ -335,10 +335,12 @@ def _fit_member(model: torch.nn.Module, x_all, train_idx: np.ndarray, targets: t
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps_per_epoch = -(-len(train_idx) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=epochs * steps_per_epoch)
-    model.train()
     # Large images train in channels-last layout on the CPU (targets/guide.py: about 2x at 224 px).
     probe = x_all[torch.from_numpy(train_idx[:1])].to(device)  # one image, for its size and device
     layout = torch.channels_last if channels_last_pays(probe) and to_channels_last(model) else torch.contiguous_format
+    if pretrained and isinstance(model, Headed):
+        _linear_probe(model, x_all, train_idx, targets, soft, device, layout, tuple(probe.shape[1:]))
+    model.train()
     for _ in range(epochs):
         order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
         for start in range(0, len(order), batch_size):
@@ -356,6 +358,33 @@ def _fit_member(model: torch.nn.Module, x_all, train_idx: np.ndarray, targets: t
         if progress:
             progress("train", 1)
     return model.cpu().eval()  # saved and measured on the CPU
+
+
+def _linear_probe(model: Headed, x_all, train_idx: np.ndarray, targets: torch.Tensor, soft: bool, device,
+                  layout, chw, steps: int = 200) -> None:
+    """Fit a new head alone on the frozen body's outputs, before fine-tuning (LP-FT: Kumar et
+    al., ICLR 2022). A random head would take most of a short fine-tuning to learn, while its
+    gradients push the pretrained features around; fitted first, it costs one forward pass per
+    answer and a few hundred L-BFGS steps on a (answers x outputs) matrix. Un-augmented images."""
+    model.eval()
+    c, h, w = chw
+    rows = rows_per_batch((h, w, c))
+    with torch.no_grad():
+        feats = torch.cat([model.body(x_all[torch.from_numpy(train_idx[i:i + rows])].to(device)
+                                      .contiguous(memory_format=layout)).float()
+                           for i in range(0, len(train_idx), rows)])
+    want = targets[torch.from_numpy(train_idx)].to(device)
+    opt = torch.optim.LBFGS(model.head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = model.head(feats)
+        loss = (-(want * F.log_softmax(logits, 1)).sum(1).mean() if soft else F.cross_entropy(logits, want))
+        loss = loss + 1e-4 * model.head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
 
 
 def agreement(model: torch.nn.Module, x, labels: torch.Tensor) -> float:
@@ -423,6 +452,7 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
         meta["init"] = init  # rebuilt from this SPEC (its files must be there) when the surrogate loads
         meta["init_head"] = isinstance(pretrained, Headed)
         meta["init_lr_scale"] = INIT_LR_SCALE
+        meta["linear_probe"] = isinstance(pretrained, Headed)  # its new head fitted first (_linear_probe)
     return Surrogate(model, meta)
 
 
