@@ -180,3 +180,16 @@ def test_a_moderate_cap_gives_smaller_batches_and_the_same_records(tiny, tmp_pat
                 assert np.allclose(a[key], b[key], atol=1e-5), key
             else:
                 assert a[key] == b[key], key
+
+
+def test_cpu_batches_of_large_images_hold_at_most_16_images_at_224_px():
+    """On the CPU, large images come in small batches (faster per image there); 32-px batches
+    keep --batch-size, and a CUDA plan is not capped by pixels."""
+    net = small_net()
+    cpu = torch.device("cpu")
+    big = memory.plan(net, "minimal", (3, 224, 224), cpu, max_memory="20G", batch_size=256)
+    assert big.batch_size == 16 == memory.CPU_BATCH_PIXELS // (224 * 224)
+    assert memory.plan(net, "minimal", (3, 448, 448), cpu, max_memory="20G", batch_size=256).batch_size == 4
+    assert memory.plan(net, "minimal", (3, 32, 32), cpu, max_memory="20G", batch_size=256).batch_size == 256
+    assert memory.plan(net, "minimal", (3, 224, 224), cpu, max_memory="20G", batch_size=8).batch_size == 8
+    assert big.predict_batch_size > 16  # forward-only prediction keeps its large batches
