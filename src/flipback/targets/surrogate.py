@@ -341,6 +341,13 @@ def _fit_member(model: torch.nn.Module, x_all, train_idx: np.ndarray, targets: t
     if pretrained and isinstance(model, Headed):
         _linear_probe(model, x_all, train_idx, targets, soft, device, layout, tuple(probe.shape[1:]))
     model.train()
+    if pretrained:
+        # Frozen batch-norm statistics: a few hundred images of another domain (upscaled CIFAR-10
+        # for an ImageNet model) in batches would pull the running statistics, and with them
+        # every pretrained feature, away from what the weights were trained with.
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     for _ in range(epochs):
         order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
         for start in range(0, len(order), batch_size):
@@ -374,13 +381,18 @@ def _linear_probe(model: Headed, x_all, train_idx: np.ndarray, targets: torch.Te
                                       .contiguous(memory_format=layout)).float()
                            for i in range(0, len(train_idx), rows)])
     want = targets[torch.from_numpy(train_idx)].to(device)
+    # From zero, with an L2 penalty of 0.01 on the weights: on 900 of EfficientNet-Lite0's
+    # answers (CIFAR-10 train images at 224 px) over EfficientNet-Lite1's 1,000 logits, the
+    # held-out agreement was 0.55 at 1e-4, 0.64 at 1e-3, 0.74 at 1e-2 and 3e-2, 0.73 at 0.1.
+    nn.init.zeros_(model.head.weight)
+    nn.init.zeros_(model.head.bias)
     opt = torch.optim.LBFGS(model.head.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
         logits = model.head(feats)
         loss = (-(want * F.log_softmax(logits, 1)).sum(1).mean() if soft else F.cross_entropy(logits, want))
-        loss = loss + 1e-4 * model.head.weight.pow(2).sum()
+        loss = loss + 1e-2 * model.head.weight.pow(2).sum()
         loss.backward()
         return loss
 
