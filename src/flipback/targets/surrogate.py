@@ -47,8 +47,7 @@ DEFAULT_MEMBERS = ("resnet20", "cnn32", "cnn32")
 MEMBER_HELP = "cnnW (VGG-style CNN, first-layer width W) or resnetD (CIFAR ResNet of depth D = 6n+2)"
 MEMBER_NAME = re.compile(r"(cnn|resnet)(\d+)")
 INIT_MEMBER = "init"  # the member started from --init SPEC
-# The pretrained part of an --init member learns at this share of the learning rate (a new
-# head, when one is added, at the full rate).
+# An --init member (its pretrained part, and a new head once fitted alone) fine-tunes at this share of the learning rate.
 INIT_LR_SCALE = 0.1
 
 
@@ -327,7 +326,10 @@ def _fit_member(model: torch.nn.Module, x_all, train_idx: np.ndarray, targets: t
     if pretrained:
         head = list(model.head.parameters()) if isinstance(model, Headed) else []
         body = [p for p in (model.body if isinstance(model, Headed) else model).parameters() if p.requires_grad]
-        groups = [{"params": body, "lr": lr * INIT_LR_SCALE}] + ([{"params": head, "lr": lr}] if head else [])
+        # The new head is fitted first (_linear_probe), so it fine-tunes at the body's rate too, as
+        # LP-FT does: at the full rate, two steps took Lite1's held-out agreement with Lite0
+        # from 0.74 (after the probe) to 0.39 with the body frozen.
+        groups = [{"params": body + head, "lr": lr * INIT_LR_SCALE}]
         max_lr = [g["lr"] for g in groups]
         opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     else:
