@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from memory import run  # noqa: E402  (benchmarks/memory.py: a child's seconds and peak RSS)
 WHITE = ("minimal", "fast", "paper", "regions")
 BLACK = ("fast", "paper")  # the issue's pair; black-box minimal is issue 13's
 
@@ -75,15 +77,8 @@ def flipback(args: list[str], log: Path) -> tuple[float, int]:
     """Run one flipback command in a fresh process: (seconds, peak RSS in bytes)."""
     cmd = [sys.executable, "-m", "flipback", "--quiet", *args]
     print("$", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        sys.exit(f"failed ({code}), see {log}: {' '.join(cmd)}")
-    return seconds, usage.ru_maxrss * 1024
+    _, seconds, peak = run(cmd, log=log)
+    return seconds, peak
 
 
 def row(name: str, run: Path, seconds: float, peak: int, extra: dict | None = None) -> dict:

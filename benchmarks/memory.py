@@ -64,15 +64,22 @@ class Stripes(torch.nn.Module):
         return x.flatten(1) @ self.w.t()
 
 
-def run(cmd: list[str], env: dict) -> tuple[int, float, int]:
-    """(exit code, seconds, peak RSS in bytes) of a child process."""
+def run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tuple[int, float, int]:
+    """(exit code, seconds, peak RSS in bytes) of a child process; its output goes to `log`
+    (stdout and stderr together) when given, else stderr is shown if it fails."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    out = open(log, "w") if log else None
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=out or subprocess.DEVNULL,
+                                stderr=subprocess.STDOUT if out else subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        if out:
+            out.close()
     seconds = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace")
     if proc.returncode != 0:
+        err = f"see {log}" if log else proc.stderr.read().decode(errors="replace")
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
     return proc.returncode, seconds, usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
 

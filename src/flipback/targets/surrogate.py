@@ -25,7 +25,6 @@ one width-32 CNN, and 99.95% at 1.15 with the default three members (docs/benchm
 from __future__ import annotations
 
 import math
-
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,8 @@ DEFAULT_MEMBERS = ("resnet20", "cnn32", "cnn32")
 MEMBER_HELP = "cnnW (VGG-style CNN, first-layer width W) or resnetD (CIFAR ResNet of depth D = 6n+2)"
 MEMBER_NAME = re.compile(r"(cnn|resnet)(\d+)")
 INIT_MEMBER = "init"  # the member started from --init SPEC
-# An --init member (its pretrained part, and a new head once fitted alone) fine-tunes at this share of the learning rate.
+# An --init member (its pretrained part, and a new head once fitted alone) fine-tunes at this
+# share of the learning rate.
 INIT_LR_SCALE = 0.1
 
 
@@ -224,7 +224,7 @@ class Pooled(nn.Module):
 
     def __init__(self, net: nn.Module, k: int):
         super().__init__()
-        self.net, self.k = net, k
+        self.net = net
         self.pool = nn.AvgPool2d(k, ceil_mode=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -324,17 +324,15 @@ def _fit_member(model: torch.nn.Module, x_all, train_idx: np.ndarray, targets: t
     gen = torch.Generator().manual_seed(seed)
     model = model.to(device)
     if pretrained:
-        head = list(model.head.parameters()) if isinstance(model, Headed) else []
-        body = [p for p in (model.body if isinstance(model, Headed) else model).parameters() if p.requires_grad]
-        # The new head is fitted first (_linear_probe), so it fine-tunes at the body's rate too, as
+        # A new head is fitted first (_linear_probe), so it fine-tunes at the body's rate too, as
         # LP-FT does: at the full rate, two steps took Lite1's held-out agreement with Lite0
         # from 0.74 (after the probe) to 0.39 with the body frozen.
-        groups = [{"params": body + head, "lr": lr * INIT_LR_SCALE}]
-        max_lr = [g["lr"] for g in groups]
-        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+        max_lr = lr * INIT_LR_SCALE
+        params = [p for p in model.parameters() if p.requires_grad]
     else:
         max_lr = lr
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+        params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=max_lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps_per_epoch = -(-len(train_idx) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=epochs * steps_per_epoch)
     # Large images train in channels-last layout on the CPU (targets/guide.py: about 2x at 224 px).
@@ -440,6 +438,7 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
     split = rng.permutation(n)
     train_idx, hold_idx = np.sort(split[n_hold:]), np.sort(split[:n_hold])
     x_all = QueriedImages(ds.images, chosen)  # read a batch at a time
+    pool = member_pool((c, h, w))
 
     built = []
     for i, name in enumerate(members):
@@ -449,7 +448,7 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
             member = (Headed(pretrained.body, pretrained.head.in_features, ds.num_classes)
                       if isinstance(pretrained, Headed) else pretrained)
         else:
-            member = build_member(name, ds.num_classes, c, pool=member_pool((c, h, w)))
+            member = build_member(name, ds.num_classes, c, pool=pool)
         built.append(_fit_member(member, x_all, train_idx,
                                  probs if soft else labels, soft, epochs=epochs, lr=lr, batch_size=batch_size,
                                  flip=flip and c == 3, seed=seed + i, progress=progress, device=device,
@@ -461,7 +460,7 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
             "agreement": agreement(model, held_x, held_labels),
             "member_agreement": [agreement(m, held_x, held_labels) for m in built],
             "output": "scores" if soft else "label", "epochs": epochs, "target": target_spec, "seed": seed,
-            "batch_size": batch_size, "member_pool": member_pool((c, h, w))}
+            "batch_size": batch_size, "member_pool": pool}
     if init:
         meta["init"] = init  # rebuilt from this SPEC (its files must be there) when the surrogate loads
         meta["init_head"] = isinstance(pretrained, Headed)
