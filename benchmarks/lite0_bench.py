@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--scratch-epochs", type=int, default=30, help="epochs of the scratch surrogate")
     ap.add_argument("--part", choices=("white", "black", "vit", "extra", "all"), default="all")
     ap.add_argument("--vit-limit", type=int, default=4)
+    ap.add_argument("--surrogates", default="init,scratch", help="which black-box surrogates: init, scratch or both")
     ap.add_argument("--bb-limit", type=int, default=50, help="black-box runs explain the first N errors")
     ap.add_argument("--max-memory", default=None)
     ap.add_argument("--tag", default="", help="appended to the white-box rows' names and folders (a rerun)")
@@ -143,6 +144,8 @@ def main() -> None:
         train = subset(args.data / "train", out / f"train-{args.train_per_class}", args.train_per_class)
         lite1 = f"python:{HERE / 'efficientnet_lite0.py'}:lite1_pixels"
         for kind, init, epochs in (("init Lite1", ["--init", lite1], args.epochs), ("scratch", [], args.scratch_epochs)):
+            if kind.split()[0] not in args.surrogates.split(","):
+                continue
             surr = out / f"surrogate-{kind.split()[0]}.pt"
             if not surr.exists():
                 secs, peak = flipback(["surrogate", "--target", str(model), "--data", str(train), "--budget",

@@ -292,3 +292,30 @@ def test_a_new_head_is_fitted_on_the_frozen_body_before_fine_tuning(world, tmp_p
     s, _ = _train(target, data, tmp_path / "s.th", init=spec, epochs=1)
     assert s.meta["init_head"] is True and s.meta["linear_probe"] is True
     assert s.meta["agreement"] >= 0.9, s.meta
+
+
+def test_fine_tuning_that_wrecks_the_probed_model_is_not_kept(world, tmp_path):
+    """A pretrained member keeps the weights that agree best on a validation share of its
+    training answers: at a learning rate that wrecks the body it keeps the probe's (epoch 0);
+    with a weak body that fine-tuning improves, a fine-tuned epoch."""
+    from flipback.data import load_dataset
+
+    target, data = world
+    ds = load_dataset(data, split="train")
+    runs = {}
+    for name, spec, lr in (("wrecked", _pretrain(tmp_path, 5), 1e4), ("helped", _pretrain(_sub(tmp_path, "w"), 5,
+                                                                                           steps=0), 0.5)):
+        with load_blackbox(target, ds.num_classes, budget=300, input_shape=(3, SIZE, SIZE)) as bb:
+            runs[name] = train_surrogate(bb, ds, 300, epochs=3, init=spec, seed=1, lr=lr, batch_size=32).meta
+    wrecked, helped = runs["wrecked"], runs["helped"]
+    for meta in (wrecked, helped):
+        scores = meta["init_val_agreement"]  # 27 of the 270 training answers, before and after each epoch
+        assert len(scores) == 4 and meta["init_kept_epoch"] == int(np.argmax(scores))
+    assert wrecked["init_kept_epoch"] == 0 and min(wrecked["init_val_agreement"][1:]) < 0.7
+    assert wrecked["agreement"] >= 0.9, wrecked
+    assert helped["init_kept_epoch"] > 0 and max(helped["init_val_agreement"]) > helped["init_val_agreement"][0]
+
+
+def _sub(folder: Path, name: str) -> Path:
+    (folder / name).mkdir(exist_ok=True)
+    return folder / name

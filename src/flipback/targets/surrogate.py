@@ -316,14 +316,19 @@ class QueriedImages:
 
 def _fit_member(model: torch.nn.Module, x_all, train_idx: np.ndarray, targets: torch.Tensor,
                 soft: bool, *, epochs: int, lr: float, batch_size: int, flip: bool, seed: int, progress=None,
-                device: torch.device | str = "cpu", pretrained: bool = False):
+                device: torch.device | str = "cpu", pretrained: bool = False, record: dict | None = None):
     """SGD with a one-cycle learning rate on the target's answers (soft: cross-entropy against
     its probabilities), on random crops (and flips) of the queried images. `x_all[b]` gives
-    the images at positions `b` (a QueriedImages, or a tensor). A `pretrained` model's own
-    weights learn at INIT_LR_SCALE times `lr`, a new head (Headed) at `lr`."""
+    the images at positions `b` (a QueriedImages, or a tensor). A `pretrained` model learns at
+    INIT_LR_SCALE times `lr`, after its new head (Headed) is fitted alone, and keeps the
+    weights (after the probe, or after an epoch) that agree best with the target on a
+    validation share of `train_idx` (see _validation_split); `record`, if given, gets
+    "val_agreement" (per epoch, 0 = before fine-tuning) and "kept_epoch"."""
     gen = torch.Generator().manual_seed(seed)
     model = model.to(device)
+    val_idx = np.empty(0, dtype=np.int64)
     if pretrained:
+        train_idx, val_idx = _validation_split(train_idx, seed)
         # A new head is fitted first (_linear_probe), so it fine-tunes at the body's rate too, as
         # LP-FT does: at the full rate, two steps took Lite1's held-out agreement with Lite0
         # from 0.74 (after the probe) to 0.39 with the body frozen.
@@ -340,15 +345,9 @@ def _fit_member(model: torch.nn.Module, x_all, train_idx: np.ndarray, targets: t
     layout = torch.channels_last if channels_last_pays(probe) and to_channels_last(model) else torch.contiguous_format
     if pretrained and isinstance(model, Headed):
         _linear_probe(model, x_all, train_idx, targets, soft, device, layout, tuple(probe.shape[1:]))
-    model.train()
-    if pretrained:
-        # Frozen batch-norm statistics: a few hundred images of another domain (upscaled CIFAR-10
-        # for an ImageNet model) in batches would pull the running statistics, and with them
-        # every pretrained feature, away from what the weights were trained with.
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-    for _ in range(epochs):
+    best = _Best(model, x_all, val_idx, targets, soft, device, layout)
+    for epoch in range(epochs):
+        _train_mode(model, frozen_bn=pretrained)
         order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
         for start in range(0, len(order), batch_size):
             b = order[start:start + batch_size]
@@ -362,9 +361,78 @@ def _fit_member(model: torch.nn.Module, x_all, train_idx: np.ndarray, targets: t
             loss.backward()
             opt.step()
             sched.step()
+        best.check(epoch + 1)
         if progress:
             progress("train", 1)
+    best.restore(record)
     return model.cpu().eval()  # saved and measured on the CPU
+
+
+def _train_mode(model: nn.Module, frozen_bn: bool) -> None:
+    model.train()
+    if frozen_bn:
+        # Frozen batch-norm statistics: a few hundred images of another domain (upscaled CIFAR-10
+        # for an ImageNet model) in batches would pull the running statistics, and with them
+        # every pretrained feature, away from what the weights were trained with.
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+# A pretrained member keeps this share of its training answers (at least VALIDATION_MIN, and
+# only when VALIDATION_MIN are left to train on) to choose between its probed and fine-tuned weights.
+VALIDATION_SHARE, VALIDATION_MIN = 0.1, 10
+
+
+def _validation_split(train_idx: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) positions, drawn at random from `train_idx` (sorted, each part)."""
+    n_val = max(VALIDATION_MIN, int(round(len(train_idx) * VALIDATION_SHARE)))
+    if len(train_idx) < 2 * n_val:
+        return train_idx, np.empty(0, dtype=train_idx.dtype)
+    perm = np.random.default_rng(seed).permutation(len(train_idx))
+    return np.sort(train_idx[perm[n_val:]]), np.sort(train_idx[perm[:n_val]])
+
+
+class _Best:
+    """Early stopping by checkpoint: the weights that agree best with the target's answers on
+    the validation positions, checked after the probe (epoch 0) and after every epoch. Fine-
+    tuning can wreck a pretrained model: on 1,000 of EfficientNet-Lite0's answers, two epochs
+    took EfficientNet-Lite1's held-out agreement from 0.74 after the linear probe to 0.16 (see
+    docs/benchmarks.md), so the probe alone must be able to win. No validation positions: the
+    last weights, as for members trained from scratch."""
+
+    def __init__(self, model, x_all, val_idx, targets, soft: bool, device, layout):
+        self.model, self.val, self.state, self.scores, self.epoch = model, None, None, [], 0
+        if len(val_idx):
+            rows = torch.from_numpy(val_idx)
+            images = (QueriedImages(x_all.images, x_all.rows[val_idx]) if isinstance(x_all, QueriedImages)
+                      else x_all[rows])
+            labels = targets[rows].argmax(1) if soft else targets[rows]
+            self.val = (images, labels.to(device), device, layout)
+            self.check(0)
+
+    def check(self, epoch: int) -> None:
+        if self.val is None:
+            return
+        images, labels, device, layout = self.val
+        was_training = self.model.training
+        self.model.eval()
+        k = rows_per_batch(tuple(images[0:1].shape[1:]))
+        with torch.no_grad():
+            pred = torch.cat([self.model(images[i:i + k].to(device).contiguous(memory_format=layout)).argmax(1)
+                              for i in range(0, len(images), k)])
+        score = float((pred == labels).float().mean())
+        self.scores.append(score)
+        if self.state is None or score > max(self.scores[:-1]):  # ties keep the earlier, less tuned weights
+            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.epoch = epoch
+        self.model.train(was_training)
+
+    def restore(self, record: dict | None) -> None:
+        if self.state is not None:
+            self.model.load_state_dict(self.state)
+            if record is not None:
+                record.update(val_agreement=self.scores, kept_epoch=self.epoch)
 
 
 def _linear_probe(model: Headed, x_all, train_idx: np.ndarray, targets: torch.Tensor, soft: bool, device,
@@ -440,7 +508,7 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
     x_all = QueriedImages(ds.images, chosen)  # read a batch at a time
     pool = member_pool((c, h, w))
 
-    built = []
+    built, chosen_epochs = [], {}
     for i, name in enumerate(members):
         torch.manual_seed(seed + i)
         if name == INIT_MEMBER:
@@ -452,7 +520,8 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
         built.append(_fit_member(member, x_all, train_idx,
                                  probs if soft else labels, soft, epochs=epochs, lr=lr, batch_size=batch_size,
                                  flip=flip and c == 3, seed=seed + i, progress=progress, device=device,
-                                 pretrained=name == INIT_MEMBER))
+                                 pretrained=name == INIT_MEMBER,
+                                 record=chosen_epochs if name == INIT_MEMBER else None))
     model = built[0] if len(built) == 1 else SurrogateEnsemble(built).eval()
     held_x, held_labels = QueriedImages(ds.images, chosen[hold_idx]), labels[hold_idx]
     meta = {"members": list(members), "num_classes": ds.num_classes, "input_shape": [c, h, w],
@@ -466,6 +535,9 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
         meta["init_head"] = isinstance(pretrained, Headed)
         meta["init_lr_scale"] = INIT_LR_SCALE
         meta["linear_probe"] = isinstance(pretrained, Headed)  # its new head fitted first (_linear_probe)
+        # Which weights the init member kept (0: the probe's, no fine-tuning) and why.
+        meta["init_val_agreement"] = chosen_epochs.get("val_agreement")
+        meta["init_kept_epoch"] = chosen_epochs.get("kept_epoch")
     return Surrogate(model, meta)
 
 
