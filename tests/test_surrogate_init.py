@@ -165,6 +165,7 @@ def test_init_with_other_output_count_gets_a_new_head(world, tmp_path):
 
 def test_init_from_torchscript_and_export_files_trains_saves_reloads(world, tmp_path):
     target, data = world
+    torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                         nn.Linear(4, 3)).eval()
     torch.jit.script(net).save(str(tmp_path / "net.pt"))
