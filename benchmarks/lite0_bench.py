@@ -98,14 +98,14 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=100)
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--answers", type=int, default=1000)
-    ap.add_argument("--epochs", type=int, default=2, help="epochs of the Lite1-started surrogate")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of the Lite1-started surrogate (0: probe only)")
     ap.add_argument("--scratch-epochs", type=int, default=30, help="epochs of the scratch surrogate")
     ap.add_argument("--part", choices=("white", "black", "vit", "extra", "all"), default="all")
     ap.add_argument("--vit-limit", type=int, default=4)
     ap.add_argument("--surrogates", default="init,scratch", help="which black-box surrogates: init, scratch or both")
     ap.add_argument("--bb-limit", type=int, default=50, help="black-box runs explain the first N errors")
     ap.add_argument("--max-memory", default=None)
-    ap.add_argument("--tag", default="", help="appended to the white-box rows' names and folders (a rerun)")
+    ap.add_argument("--tag", default="", help="appended to the rows' names, folders and surrogate files (a rerun)")
     ap.add_argument("--methods", default=",".join(WHITE), help="white-box methods to run")
     args = ap.parse_args()
     out = args.out.resolve()
@@ -143,27 +143,29 @@ def main() -> None:
     if args.part in ("black", "all"):
         train = subset(args.data / "train", out / f"train-{args.train_per_class}", args.train_per_class)
         lite1 = f"python:{HERE / 'efficientnet_lite0.py'}:lite1_pixels"
+        slug = "".join(c for c in args.tag if c.isalnum())
         for kind, init, epochs in (("init Lite1", ["--init", lite1], args.epochs), ("scratch", [], args.scratch_epochs)):
-            if kind.split()[0] not in args.surrogates.split(","):
+            short = kind.split()[0]
+            if short not in args.surrogates.split(","):
                 continue
-            surr = out / f"surrogate-{kind.split()[0]}.pt"
+            surr = out / f"surrogate-{short}{slug}.pt"
             if not surr.exists():
                 secs, peak = flipback(["surrogate", "--target", str(model), "--data", str(train), "--budget",
                                        str(args.answers), "--epochs", str(epochs), "--out", str(surr),
-                                       "--device", "cpu", *init], out / f"surrogate-{kind.split()[0]}.log")
+                                       "--device", "cpu", *init], out / f"surrogate-{short}{slug}.log")
                 meta = torch.load(surr, map_location="cpu", weights_only=True).get("meta", {})
-                keep({"run": f"surrogate {kind}", "answers": args.answers, "epochs": epochs,
-                      "agreement": meta.get("agreement"), "process_seconds": round(secs, 1),
-                      "peak_rss_gib": round(peak / 2**30, 2)})
+                keep({"run": f"surrogate {kind}{args.tag}", "answers": args.answers, "epochs": epochs,
+                      "agreement": meta.get("agreement"), "init_val_agreement": meta.get("init_val_agreement"),
+                      "process_seconds": round(secs, 1), "peak_rss_gib": round(peak / 2**30, 2)})
             for m in BLACK:
-                name = f"black-box {m}, surrogate {kind}"
+                name = f"black-box {m}, surrogate {kind}{args.tag}"
                 if name in done:
                     continue
-                run = out / f"bb-{m}-{kind.split()[0]}"
+                run = out / f"bb-{m}-{short}{slug}"
                 bb = [a if a != str(args.limit) else str(args.bb_limit) for a in common]
                 secs, peak = flipback(["explain", *bb, "--mode", "black-box", "--method", m,
                                        "--surrogate", str(surr), "--trust-model", "--out", str(run)],
-                                      out / f"bb-{m}-{kind.split()[0]}.log")
+                                      out / f"bb-{m}-{short}{slug}.log")
                 keep(row(name, run, secs, peak))
 
     if args.part in ("extra", "all"):

@@ -326,3 +326,24 @@ def test_fine_tuning_that_wrecks_the_probed_model_is_not_kept(world, tmp_path):
 def _sub(folder: Path, name: str) -> Path:
     (folder / name).mkdir(exist_ok=True)
     return folder / name
+
+
+def test_zero_epochs_keep_the_probed_pretrained_model_and_refuse_scratch_members(world, tmp_path):
+    target, data = world
+    spec = _pretrain(tmp_path, 5)  # 5 outputs, the target has 3 classes: a probed head, nothing fine-tuned
+    s, ds = _train(target, data, tmp_path / "s.th", init=spec, epochs=0)
+    assert s.meta["init_kept_epoch"] == 0 and len(s.meta["init_val_agreement"]) == 1
+    assert s.meta["agreement"] >= 0.9, s.meta
+    body = s.module.body
+    ns: dict = {}
+    exec(NET.format(outputs=5), ns)
+    given = ns["net"]()
+    given.load_state_dict(torch.load(tmp_path / "net5.th", weights_only=True))
+    x = to_tensor(ds.images[:20])
+    with torch.no_grad():
+        assert torch.equal(body(x), given(x))  # the pretrained part as it came
+    with pytest.raises(FlipbackError, match="at least one epoch"):
+        _train(target, data, tmp_path / "t.th", init=spec, members="init,cnn4", epochs=0)
+    res = runner.invoke(app, ["--quiet", "surrogate", "--target", target, "--data", str(data), "--budget", "40",
+                              "--epochs", "0", "--device", "cpu", "--out", str(tmp_path / "u.th")])
+    assert res.exit_code != 0 and "at least one epoch" in res.output

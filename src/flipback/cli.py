@@ -359,7 +359,8 @@ def surrogate_cmd(
     out_file: Path = typer.Option(..., "--out", help="Where to save the surrogate."),
     split: str = typer.Option("train", help="train or test, for IDX folders and split folders."),
     output: Output = typer.Option(Output.scores, help="Learn from the target's scores, or only its labels."),
-    epochs: int = typer.Option(30, min=1),
+    epochs: int = typer.Option(30, min=0, help="Training epochs. 0: only for --init members, which then keep "
+                               "the pretrained model with a linear probe as its new head (no fine-tuning)."),
     batch_size: int = typer.Option(128, min=1, help="Images per training step (lower it for large images on a "
                                    "small GPU; the learning rate stays)."),
     members: Optional[str] = typer.Option(None,

@@ -339,8 +339,8 @@ def _fit_member(model: torch.nn.Module, x_all, train_idx: np.ndarray, targets: t
         params = list(model.parameters())
     opt = _optimizer(params, max_lr, pretrained)
     steps_per_epoch = -(-len(train_idx) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"],
-                                                total_steps=epochs * steps_per_epoch)
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"],
+                                                 total_steps=epochs * steps_per_epoch) if epochs else None)
     # Large images train in channels-last layout on the CPU (targets/guide.py: about 2x at 224 px).
     probe = x_all[torch.from_numpy(train_idx[:1])].to(device)  # one image, for its size and device
     layout = torch.channels_last if channels_last_pays(probe) and to_channels_last(model) else torch.contiguous_format
@@ -492,6 +492,9 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
     `progress(stage, advance)` is called as work proceeds, if given (one "train" step per
     member and epoch)."""
     members = parse_members(members, init)
+    if epochs < 1 and any(name != INIT_MEMBER for name in members):
+        raise FlipbackError(f"surrogate members trained from scratch need at least one epoch, got {epochs}",
+                            hint="0 epochs only suit --init members alone (probe, no fine-tuning)")
     h, w, c = ds.shape
     init = absolute_spec(init) if init else None
     # The pretrained model loads (and is checked on the data's size) before any query.
