@@ -337,10 +337,10 @@ def _fit_member(model: torch.nn.Module, x_all, train_idx: np.ndarray, targets: t
     else:
         max_lr = lr
         params = list(model.parameters())
-    opt = _optimizer(params, max_lr, pretrained)
+    opt = torch.optim.SGD(params, lr=max_lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     steps_per_epoch = -(-len(train_idx) // batch_size)
-    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"],
-                                                 total_steps=epochs * steps_per_epoch) if epochs else None)
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=epochs * steps_per_epoch)
+             if epochs else None)  # 0 epochs: an --init member's probe alone
     # Large images train in channels-last layout on the CPU (targets/guide.py: about 2x at 224 px).
     probe = x_all[torch.from_numpy(train_idx[:1])].to(device)  # one image, for its size and device
     layout = torch.channels_last if channels_last_pays(probe) and to_channels_last(model) else torch.contiguous_format
@@ -367,10 +367,6 @@ def _fit_member(model: torch.nn.Module, x_all, train_idx: np.ndarray, targets: t
             progress("train", 1)
     best.restore(record)
     return model.cpu().eval()  # saved and measured on the CPU
-
-
-def _optimizer(params, lr: float, pretrained: bool) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
 
 
 def _train_mode(model: nn.Module, frozen_bn: bool) -> None:
@@ -422,10 +418,10 @@ class _Best:
         images, labels, device, layout = self.val
         was_training = self.model.training
         self.model.eval()
-        k = rows_per_batch(tuple(images[0:1].shape[1:]))
+        rows = rows_per_batch(tuple(images[0:1].shape[1:]))
         with torch.no_grad():
-            pred = torch.cat([self.model(images[i:i + k].to(device).contiguous(memory_format=layout)).argmax(1)
-                              for i in range(0, len(images), k)])
+            pred = torch.cat([self.model(images[i:i + rows].to(device).contiguous(memory_format=layout)).argmax(1)
+                              for i in range(0, len(images), rows)])
         score = float((pred == labels).float().mean())
         self.scores.append(score)
         if self.state is None or score > max(self.scores[:-1]):  # ties keep the earlier, less tuned weights
