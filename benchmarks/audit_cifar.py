@@ -1,6 +1,6 @@
 """Audit and repair on real CIFAR-10, no planted truth (issue 15, benchmark 3).
 
-    python benchmarks/audit_cifar.py [--out DIR]                                 (needs ../shared)
+    python benchmarks/audit_cifar.py [--out DIR] [--seeds 0,1,2] [--plans control,cleanlab]   (needs ../shared)
 
 - 10% of CIFAR-10's train split (5,000 images, per class, seeded) is carved out as validation.
 - Model A: the public ResNet-20 fine-tuned on the other 45,000 by the project's recipe
@@ -46,6 +46,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="out/audit-cifar")
     ap.add_argument("--seeds", default="0,1,2", help="Seeds of every fine-tune (batch order and flips).")
+    ap.add_argument("--plans", default="", help="Run only the plans whose names start with one of these "
+                    "(comma-separated, e.g. 'control,cleanlab'); all by default.")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +94,9 @@ def main() -> None:
         "validation errors added (no flipback)": RepairPlan(extra_images=errors_x, extra_labels=errors_y),
         "flipback corrections of them added": RepairPlan(extra_images=c.corrected[wrong], extra_labels=errors_y),
     }
+    if args.plans:
+        wanted = tuple(p.strip() for p in args.plans.split(",") if p.strip())
+        plans = {name: plan for name, plan in plans.items() if name.startswith(wanted)}
     results = {"model A": evaluate(spec_a, test)}
     seeds = [int(v) for v in args.seeds.split(",")]
     for name, plan in plans.items():
