@@ -223,3 +223,29 @@ def test_black_box_surrogate_then_explain(tiny, tmp_path, output):
     assert summary["mode"] == "black-box" and summary["surrogate_queries"] == 40 and summary["output"] == output
     records = [json.loads(r) for (r,) in sqlite3.connect(out / "results.sqlite").execute("SELECT record FROM results")]
     assert len(records) == 6 and all(1 <= r["queries"] <= 3 for r in records)  # the per-image budget holds
+
+
+def test_confidence_reaches_fast_and_is_refused_elsewhere(tiny, tmp_path, monkeypatch):
+    from flipback.attacks import fast as fast_module
+
+    ckpt, data = tiny
+    sur = tmp_path / "sur.th"
+    assert invoke("--quiet", "surrogate", "--target", f"small_cnn:{ckpt}", "--data", data, "--budget", 40,
+                  "--epochs", 1, "--out", sur).exit_code == 0
+    seen = []
+    init = fast_module.FastAttack.__init__
+
+    def spy(self, **kwargs):
+        seen.append(kwargs.get("confidence"))
+        init(self, **kwargs)
+
+    monkeypatch.setattr(fast_module.FastAttack, "__init__", spy)
+    for conf, out in ((None, tmp_path / "a"), (16, tmp_path / "b")):
+        extra = ["--confidence", conf] if conf else []
+        res = invoke("--quiet", "explain", "--mode", "black-box", "--model", f"small_cnn:{ckpt}", "--data", data,
+                     "--surrogate", sur, "--method", "fast", "--limit", 3, "--no-figures", "--out", out, *extra)
+        assert res.exit_code == 0, res.output
+    assert seen == [None, 16.0]  # the default (4 logits) when not given
+    res = invoke("explain", "--model", f"small_cnn:{ckpt}", "--data", data, "--method", "paper", "--confidence", 8,
+                 "--out", tmp_path / "c")
+    assert "--confidence applies to the fast and minimal methods only" in _error(res)

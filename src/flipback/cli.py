@@ -125,6 +125,16 @@ def _step_option(method: str, step: Optional[str]) -> dict:
     return {"step": value}
 
 
+def _confidence_option(method: str, confidence: Optional[float]) -> dict:
+    if confidence is None:
+        return {}
+    if method not in ("fast", "minimal"):
+        raise FlipbackError("--confidence applies to the fast and minimal methods only")
+    if not confidence > 0:
+        raise FlipbackError(f"--confidence must be above 0 logits, got {confidence}")
+    return {"confidence": float(confidence)}
+
+
 def _ray_options(address: Optional[str], actors: Optional[int], cpus: float, gpus: float,
                  total_budget: Optional[int], rate_limit: Optional[float]):
     if address is None:
@@ -158,6 +168,9 @@ def explain(
     method: str = typer.Option("minimal", help="paper | fast | minimal | regions (each runs in both modes)"),
     budget: Optional[int] = typer.Option(None, help="Most queries per image (default: the method's)."),
     step: Optional[str] = typer.Option(None, help="paper method: step size, e.g. 2/255 (default 1/255)."),
+    confidence: Optional[float] = typer.Option(None, help="fast and minimal, black-box: how many logits past the "
+                                               "surrogate's own margin the first push aims (default 4). Higher: fewer "
+                                               "queries, larger changes; choose it on errors outside the test split."),
     pixels: Pixels = typer.Option(Pixels.uint8, help="uint8: corrections must survive 8-bit rounding."),
     split: str = typer.Option("test", help="train or test, for IDX folders and folders with split sub-folders."),
     limit: Optional[int] = typer.Option(None, help="Explain only the first N errors."),
@@ -189,7 +202,8 @@ def explain(
         cfg = ExplainConfig(model=model, data=data, mode=mode.value, method=method, pixels=pixels.value,
                             budget=budget, split=split, limit=limit, mean=_floats(mean), std=_floats(std),
                             trust_model=trust_model, figures=figures, batch_size=batch_size,
-                            options=_step_option(method, step), surrogate=surrogate, output=output.value,
+                            options={**_step_option(method, step), **_confidence_option(method, confidence)},
+                            surrogate=surrogate, output=output.value,
                             timeout=timeout, retries=retries, device=device, max_memory=max_memory,
                             classes=str(classes) if classes else None)
         summary = run_explain(cfg, out_dir, show_progress=not _state["quiet"], resume=resume, log=_log,
