@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--part", choices=("white", "black", "vit", "extra", "all"), default="all")
     ap.add_argument("--vit-limit", type=int, default=4)
     ap.add_argument("--surrogates", default="init,scratch", help="which black-box surrogates: init, scratch or both")
+    ap.add_argument("--bb-confidence", type=float, default=None,
+                    help="--confidence for the black-box fast runs (choose it on train-split errors)")
     ap.add_argument("--bb-limit", type=int, default=50, help="black-box runs explain the first N errors")
     ap.add_argument("--max-memory", default=None)
     ap.add_argument("--tag", default="", help="appended to the rows' names, folders and surrogate files (a rerun)")
@@ -163,7 +165,8 @@ def main() -> None:
                     continue
                 run = out / f"bb-{m}-{short}{slug}"
                 bb = [a if a != str(args.limit) else str(args.bb_limit) for a in common]
-                secs, peak = flipback(["explain", *bb, "--mode", "black-box", "--method", m,
+                conf = ["--confidence", str(args.bb_confidence)] if args.bb_confidence and m == "fast" else []
+                secs, peak = flipback(["explain", *bb, "--mode", "black-box", "--method", m, *conf,
                                        "--surrogate", str(surr), "--trust-model", "--out", str(run)],
                                       out / f"bb-{m}-{short}{slug}.log")
                 keep(row(name, run, secs, peak))

@@ -1,0 +1,58 @@
+"""Choose black-box `fast`'s --confidence on errors of train images, never the test ones
+(issue 12's 224-px benchmark, after `lite0_bench.py --part black`).
+
+    python benchmarks/lite0_confidence.py --data ../shared/data/cifar10-jpeg --out runs/lite0-bench \\
+        --surrogate runs/lite0-bench/SURROGATE.pt [--first 500] [--per-class 50] [--confidences 4,8,16] [--limit 30]
+
+The validation images are train images --first .. --first + --per-class of each class (sorted
+names): past the ones the surrogate learnt from (`--train-per-class`, 500 for the 5,000-answer
+surrogate). Each confidence explains the first --limit errors of Lite0 there with black-box
+`fast`; prints one JSON line per confidence (success, mean queries, median L2, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from flipback.runs.explain_run import ExplainConfig, run_explain
+
+
+def folder(src: Path, dst: Path, first: int, per_class: int) -> Path:
+    """Images first..first+per_class of each class folder of `src`, as links under `dst`."""
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / cls.name).mkdir(parents=True, exist_ok=True)
+        for f in sorted(cls.iterdir())[first:first + per_class]:
+            link = dst / cls.name / f.name
+            if not link.exists():
+                link.symlink_to(f.resolve())
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, required=True, help="CIFAR-10 JPEG root with train/")
+    ap.add_argument("--out", type=Path, default=Path("runs/lite0-bench"))
+    ap.add_argument("--surrogate", type=Path, required=True)
+    ap.add_argument("--first", type=int, default=500)
+    ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--confidences", default="4,8,16")
+    ap.add_argument("--limit", type=int, default=30)
+    args = ap.parse_args()
+    out = args.out.resolve()
+    val = folder(args.data / "train", out / f"trainval-{args.first}-{args.per_class}", args.first, args.per_class)
+    for conf in (float(c) for c in args.confidences.split(",")):
+        cfg = ExplainConfig(model=str(out / "lite0_cifar10_mean.pt2"), data=str(val), mode="black-box",
+                            method="fast", limit=args.limit, figures=False, device="cpu", trust_model=True,
+                            surrogate=str(args.surrogate.resolve()), options={"confidence": conf})
+        t0 = time.perf_counter()
+        s = run_explain(cfg, out / f"val-fast-confidence{conf:g}", show_progress=False, log=lambda m: None)
+        print(json.dumps({"confidence": conf, **{k: s.get(k) for k in ("n_explained", "success_rate", "mean_queries",
+                                                                       "median_l2")},
+                          "seconds": round(time.perf_counter() - t0)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
