@@ -246,6 +246,7 @@ def test_confidence_reaches_fast_and_is_refused_elsewhere(tiny, tmp_path, monkey
                      "--surrogate", sur, "--method", "fast", "--limit", 3, "--no-figures", "--out", out, *extra)
         assert res.exit_code == 0, res.output
     assert seen == [None, 16.0]  # the default (4 logits) when not given
-    res = invoke("explain", "--model", f"small_cnn:{ckpt}", "--data", data, "--method", "paper", "--confidence", 8,
-                 "--out", tmp_path / "c")
-    assert "--confidence applies to the fast and minimal methods only" in _error(res)
+    for method, mode in (("paper", "black-box"), ("fast", "white-box")):
+        res = invoke("explain", "--model", f"small_cnn:{ckpt}", "--data", data, "--mode", mode, "--surrogate", sur,
+                     "--method", method, "--confidence", 8, "--out", tmp_path / "c")
+        assert "--confidence applies to the fast and minimal methods in black-box mode only" in _error(res)

@@ -125,11 +125,12 @@ def _step_option(method: str, step: Optional[str]) -> dict:
     return {"step": value}
 
 
-def _confidence_option(method: str, confidence: Optional[float]) -> dict:
+def _confidence_option(method: str, mode: str, confidence: Optional[float]) -> dict:
     if confidence is None:
         return {}
-    if method not in ("fast", "minimal"):
-        raise FlipbackError("--confidence applies to the fast and minimal methods only")
+    if method not in ("fast", "minimal") or mode != "black-box":
+        # White-box, the target's own gradient sets the first step (fast's overshoot).
+        raise FlipbackError("--confidence applies to the fast and minimal methods in black-box mode only")
     if not confidence > 0:
         raise FlipbackError(f"--confidence must be above 0 logits, got {confidence}")
     return {"confidence": float(confidence)}
@@ -202,7 +203,7 @@ def explain(
         cfg = ExplainConfig(model=model, data=data, mode=mode.value, method=method, pixels=pixels.value,
                             budget=budget, split=split, limit=limit, mean=_floats(mean), std=_floats(std),
                             trust_model=trust_model, figures=figures, batch_size=batch_size,
-                            options={**_step_option(method, step), **_confidence_option(method, confidence)},
+                            options={**_step_option(method, step), **_confidence_option(method, mode.value, confidence)},
                             surrogate=surrogate, output=output.value,
                             timeout=timeout, retries=retries, device=device, max_memory=max_memory,
                             classes=str(classes) if classes else None)
