@@ -41,13 +41,13 @@ WHITE = ("minimal", "fast", "paper", "regions")
 BLACK = ("fast", "paper")  # the issue's pair; black-box minimal is issue 13's
 
 
-def subset(src: Path, dst: Path, per_class: int) -> Path:
-    """The first `per_class` images of each class folder of `src`, as links under `dst`."""
+def subset(src: Path, dst: Path, per_class: int, first: int = 0) -> Path:
+    """Images first..first+per_class of each class folder of `src` (sorted names), as links under `dst`."""
     if (dst / ".complete").exists():
         return dst
     for cls in sorted(p for p in src.iterdir() if p.is_dir()):
         (dst / cls.name).mkdir(parents=True, exist_ok=True)
-        for f in sorted(cls.iterdir())[:per_class]:
+        for f in sorted(cls.iterdir())[first:first + per_class]:
             link = dst / cls.name / f.name
             if not link.exists():
                 link.symlink_to(f.resolve())

@@ -14,21 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from flipback.runs.explain_run import ExplainConfig, run_explain
 
-
-def folder(src: Path, dst: Path, first: int, per_class: int) -> Path:
-    """Images first..first+per_class of each class folder of `src`, as links under `dst`."""
-    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
-        (dst / cls.name).mkdir(parents=True, exist_ok=True)
-        for f in sorted(cls.iterdir())[first:first + per_class]:
-            link = dst / cls.name / f.name
-            if not link.exists():
-                link.symlink_to(f.resolve())
-    return dst
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lite0_bench import subset  # noqa: E402  (the benchmark's own linked class folders)
 
 
 def main() -> None:
@@ -42,7 +35,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=30)
     args = ap.parse_args()
     out = args.out.resolve()
-    val = folder(args.data / "train", out / f"trainval-{args.first}-{args.per_class}", args.first, args.per_class)
+    val = subset(args.data / "train", out / f"trainval-{args.first}-{args.per_class}", args.per_class, args.first)
     for conf in (float(c) for c in args.confidences.split(",")):
         cfg = ExplainConfig(model=str(out / "lite0_cifar10_mean.pt2"), data=str(val), mode="black-box",
                             method="fast", limit=args.limit, figures=False, device="cpu", trust_model=True,

@@ -409,7 +409,7 @@ class _Best:
             images = (QueriedImages(x_all.images, x_all.rows[val_idx]) if isinstance(x_all, QueriedImages)
                       else x_all[rows])
             labels = targets[rows].argmax(1) if soft else targets[rows]
-            self.val = (images, labels.to(device), device, layout)
+            self.val = (images, labels, device, layout)
             self.check(0)
 
     def check(self, epoch: int) -> None:
@@ -417,12 +417,7 @@ class _Best:
             return
         images, labels, device, layout = self.val
         was_training = self.model.training
-        self.model.eval()
-        rows = rows_per_batch(tuple(images[0:1].shape[1:]))
-        with torch.no_grad():
-            pred = torch.cat([self.model(images[i:i + rows].to(device).contiguous(memory_format=layout)).argmax(1)
-                              for i in range(0, len(images), rows)])
-        score = float((pred == labels).float().mean())
+        score = agreement(self.model.eval(), images, labels, device=device, layout=layout)
         self.scores.append(score)
         if self.state is None or score > max(self.scores[:-1]):  # ties keep the earlier, less tuned weights
             self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -468,13 +463,15 @@ def _linear_probe(model: Headed, x_all, train_idx: np.ndarray, targets: torch.Te
     opt.step(closure)
 
 
-def agreement(model: torch.nn.Module, x, labels: torch.Tensor) -> float:
+def agreement(model: torch.nn.Module, x, labels: torch.Tensor, *, device: torch.device | str = "cpu",
+              layout=torch.contiguous_format) -> float:
     """The share of images `x` (a tensor, or a QueriedImages; read rows_per_batch at a time) on
-    which `model`'s top-1 is `labels` (the target's answers)."""
+    which `model` (on `device`, taking `layout`)'s top-1 is `labels` (the target's answers)."""
     k = rows_per_batch(tuple(x[0:1].shape[1:])) if len(x) else 1
     with torch.no_grad():
-        pred = torch.cat([model(x[i:i + k]).argmax(1) for i in range(0, len(x), k)])
-    return float((pred == labels).float().mean())
+        pred = torch.cat([model(x[i:i + k].to(device).contiguous(memory_format=layout)).argmax(1).cpu()
+                          for i in range(0, len(x), k)])
+    return float((pred == labels.cpu()).float().mean())
 
 
 def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: int = 30,
