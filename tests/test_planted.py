@@ -171,3 +171,15 @@ def test_cued_test_images_carry_both_patches_for_or_and():
     e = cued_test_images(ds, Cue(target=0, size=3, kind="or"))
     assert e.parts.shape == (len(e.labels), 2, 28, 28) and e.parts.any((2, 3)).all()
     assert np.array_equal(e.masks, e.parts.any(1))
+
+
+def test_fine_tune_subset_is_drawn_by_the_seed():
+    from flipback.runs.planted import subset_rows
+
+    first = subset_rows(1000, 200, 0)
+    # Seed 0 keeps the draw every earlier cached model was fine-tuned on.
+    assert np.array_equal(first, np.sort(np.random.default_rng(0).choice(1000, size=200, replace=False)))
+    assert np.array_equal(first, subset_rows(1000, 200, 0))
+    other = subset_rows(1000, 200, 1)
+    assert len(np.unique(other)) == 200 and other.max() < 1000
+    assert len(np.intersect1d(first, other)) < 100  # about 40 shared by chance, not the same subset

@@ -89,7 +89,9 @@ def retrain(train: Dataset, plan: RepairPlan, *, base: str | None = None, name: 
     data = apply_plan(train, plan)
     arch = base.split(":", 1)[0] if base else "small_cnn"
     key = hashlib.sha256(f"{data.fingerprint}|{arch}|{base}".encode()).hexdigest()[:12]
-    tag = f"-seed{seed}" if seed else ""
+    # "s": the fine-tuning subset is drawn by the seed (runs/planted.py); before, every seed drew
+    # seed 0's, so an older cached seed-N model is another model. Seed 0's draw is unchanged.
+    tag = f"-seed{seed}s" if seed else ""
     return _train(base, data, model_cache_dir() / "repaired" / f"{arch}-{name}-{key}{tag}.th", show_progress, log,
                   seed=seed)
 
