@@ -130,6 +130,33 @@ def test_a_cap_that_cannot_hold_one_image_is_one_clear_error():
         memory.plan(small_net(), "regions", (3, 224, 224), torch.device("cpu"), max_memory="1M", batch_size=8)
 
 
+def test_training_bytes_of_a_linear_model_are_its_input_and_weights(monkeypatch):
+    """A bias-free linear model saves its (flattened) input for the weight's gradient: 768
+    floats (3,072 bytes) an image at 3x16x16, times TRAIN_AUTOGRAD_FACTOR, plus TRAIN_COPIES
+    image copies; its weights' gradient and momentum are fixed."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 10, bias=False))
+    per_image, fixed = memory.training_bytes(net, (3, 16, 16), torch.device("cpu"))
+    assert per_image == (memory.TRAIN_AUTOGRAD_FACTOR + memory.TRAIN_COPIES) * 768 * 4
+    assert fixed == 2 * 7680 * 4
+    monkeypatch.setattr(memory, "in_use", lambda device: 0)
+    cap = memory.RESERVE + fixed + 5 * per_image + 100
+    assert memory.training_batch(net, (3, 16, 16), torch.device("cpu"), max_memory=cap, batch_size=128) == 5
+    assert memory.training_batch(net, (3, 16, 16), torch.device("cpu"), max_memory=cap, batch_size=3) == 3
+    with pytest.raises(memory.MemoryLimitError, match="cannot train the surrogate on one 3x16x16 image"):
+        memory.training_batch(net, (3, 16, 16), torch.device("cpu"), max_memory=cap - 5 * per_image, batch_size=8)
+
+
+def test_measuring_a_training_step_moves_no_batch_norm_statistics():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.LazyLinear(2))
+    net(torch.rand(2, 3, 8, 8))
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    memory.training_bytes(net, (3, 8, 8), torch.device("cpu"))
+    assert net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
 @pytest.fixture
 def tiny(tmp_path):
     """A random small_cnn checkpoint and 40 random 28x28 images."""

@@ -254,6 +254,40 @@ def test_cli_batch_size_reaches_the_training_and_the_file(world, tmp_path, monke
     assert seen == [7, 7] and load_surrogate(tmp_path / "s.th").meta["batch_size"] == 7
 
 
+def test_a_memory_cap_lowers_the_training_batch_or_stops_before_any_query(world, tmp_path, monkeypatch):
+    """Under --max-memory, a member trains on as many images as fit (recorded in the file), and a
+    cap that cannot hold one image is one clear error before the target is asked anything."""
+    import flipback.targets.surrogate as surrogate_module
+    from flipback.runs import memory
+
+    monkeypatch.setattr(memory, "in_use", lambda device: 0)  # the cap's arithmetic, not this process's RSS
+    per_image, fixed = memory.training_bytes(build_member("cnn4", 3, 3), (3, SIZE, SIZE), torch.device("cpu"))
+    cap = memory.RESERVE + fixed + 6 * per_image + 10
+    seen = []
+    fit = surrogate_module._fit_member
+    monkeypatch.setattr(surrogate_module, "_fit_member",
+                        lambda *a, **k: (seen.append(k["batch_size"]), fit(*a, **k))[1])
+    target, data = world
+    res = runner.invoke(app, ["--quiet", "surrogate", "--target", target, "--data", str(data), "--budget", "40",
+                              "--members", "cnn4", "--epochs", "1", "--device", "cpu", "--max-memory", str(cap),
+                              "--out", str(tmp_path / "s.th")])
+    assert res.exit_code == 0, res.output
+    meta = load_surrogate(tmp_path / "s.th").meta
+    assert seen == [6] and meta["member_batch_size"] == [6] and meta["batch_size"] == 128
+
+    from flipback.data import load_dataset
+
+    ds = load_dataset(data, split="train")
+    with load_blackbox(target, ds.num_classes, budget=40, input_shape=(3, SIZE, SIZE)) as bb:
+        with pytest.raises(memory.MemoryLimitError, match="cannot train the surrogate member 'cnn4' on one 3x16x16"):
+            train_surrogate(bb, ds, 40, members="cnn4", epochs=1, max_memory=cap - 6 * per_image)
+        assert bb.queries == 0
+    res = runner.invoke(app, ["surrogate", "--target", target, "--data", str(data), "--budget", "40",
+                              "--members", "cnn4", "--device", "cpu", "--max-memory", "1M",
+                              "--out", str(tmp_path / "t.th")])
+    assert res.exit_code != 0 and "cannot train" in res.output and not (tmp_path / "t.th").exists()
+
+
 def test_bench_refuses_a_python_init_before_any_work(world, tmp_path):
     """Loading it would need --trust-model, which bench does not have."""
     from flipback.runs.bench import run_bench

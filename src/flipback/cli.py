@@ -391,6 +391,11 @@ def surrogate_cmd(
     allow_test_data: bool = typer.Option(False, "--allow-test-data",
                                          help="Train on test (or validation) images anyway; refused otherwise."),
     device: str = typer.Option("auto", help=_DEVICE_HELP + " (the surrogate's training)"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory",
+                                             help="Memory cap that sizes the training batches (at most --batch-size), "
+                                                  "e.g. 8G (default: 80% of the memory free when training starts; on "
+                                                  "CUDA, of the GPU's). A member that cannot fit one image stops "
+                                                  "with an error."),
 ):
     """Train a surrogate of a black-box target from its answers alone."""
     from .runs.surrogate_run import run_surrogate
@@ -398,7 +403,7 @@ def surrogate_cmd(
     def go():
         meta = run_surrogate(target=target, data=data, budget=budget, out=out_file, split=split,
                              output=output.value, epochs=epochs, members=members, seed=seed, mean=_floats(mean),
-                             batch_size=batch_size,
+                             batch_size=batch_size, max_memory=max_memory,
                              std=_floats(std), allow_test_data=allow_test_data, device=device, show_progress=not _state["quiet"],
                              log=_log, init=init, classes=str(classes) if classes else None)
         if _state["json"]:

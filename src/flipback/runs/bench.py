@@ -42,7 +42,7 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
                                  "and explain with `flipback explain --trust-model`")
     if mode == "black-box" and surrogate is None:
         surrogate = str(_bench_surrogate(model, surrogate_data, surrogate_budget, output, out_dir, show_progress, log,
-                                         device=device, init=surrogate_init, classes=classes))
+                                         device=device, init=surrogate_init, classes=classes, max_memory=max_memory))
     results = {}
     for method in methods:
         cfg = ExplainConfig(model=model, data=data, mode=mode, method=method, pixels=pixels, limit=limit,
@@ -61,7 +61,7 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
 
 def _bench_surrogate(model, surrogate_data, budget, output, out_dir: Path, show_progress, log,
                      allow_test_data: bool = False, device: str = "auto", init: str | None = None,
-                     classes: str | None = None) -> Path:
+                     classes: str | None = None, max_memory: str | None = None) -> Path:
     """Train the bench's surrogate once; a re-run (resume) reuses the one in the folder (one
     file per --surrogate-init SPEC)."""
     from .surrogate_run import run_surrogate
@@ -76,5 +76,5 @@ def _bench_surrogate(model, surrogate_data, budget, output, out_dir: Path, show_
         return path
     run_surrogate(target=model, data=surrogate_data, budget=budget, out=path, output=output,
                   allow_test_data=allow_test_data, device=device, show_progress=show_progress, log=log, init=init,
-                  classes=classes)
+                  classes=classes, max_memory=max_memory)
     return path

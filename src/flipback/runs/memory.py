@@ -198,6 +198,73 @@ def plan(module: torch.nn.Module | None, method: str, shape_chw, device: torch.d
                       int(max(1, min(predict_batch_size, room // max(model, 1)))))
 
 
+#: Image-sized float32 tensors a training step keeps per image besides the model's activations:
+#: the uint8 read, its float copy, the augmented copy and its device copy.
+TRAIN_COPIES = 4
+#: A training step's peak over its saved activations: the backward pass frees them as it goes.
+#: Measured (2 SGD steps on the CPU, peak resident memory above the start): EfficientNet-Lite1
+#: at 224 px (frozen batch-norm, channels-last) 1,938 MiB at batches of 16 and 3,919 at 32, 124
+#: MiB an image against 102 saved (explain's factor of 2 would have lowered the batch of 128
+#: that peaked at 15.2 GiB to about 84 under the default cap on 24 GiB); the ResNet-20 member
+#: pooled at 224 px: 8.3 MiB an image against an estimate of 8.6 at this factor. Small models
+#: at 32 px peak up to about 300 MiB above the estimate at batches of 256: RESERVE covers that.
+TRAIN_AUTOGRAD_FACTOR = 1.25
+
+
+def training_bytes(module: torch.nn.Module, shape_chw, device: torch.device, *,
+                   frozen_bn: bool = False) -> tuple[int, int]:
+    """(bytes per image, fixed bytes) of a training step of `module`: its saved activations
+    times TRAIN_AUTOGRAD_FACTOR plus TRAIN_COPIES image copies; and the gradients and SGD
+    momentum of its trainable weights. Measured in training mode (batch-norm in training mode
+    saves about twice what it does in eval mode), with `frozen_bn` batch-norm layers in eval
+    mode as such training runs them; the buffers (running statistics) are put back after."""
+    c, h, w = shape_chw
+    modes = {m: m.training for m in module.modules()}
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    module.train()
+    if frozen_bn:
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    try:
+        one = saved_bytes(module, shape_chw, device, 1)
+        two = saved_bytes(module, shape_chw, device, 2) if one is not None else None
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(buffers[name])
+    per_image = ((int(TRAIN_AUTOGRAD_FACTOR * max(two - one, 0)) if two is not None else 0)
+                 + TRAIN_COPIES * c * h * w * 4)
+    fixed = 2 * sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    return per_image, fixed
+
+
+def training_batch(module: torch.nn.Module, shape_chw, device: torch.device, *, max_memory: str | int | None,
+                   batch_size: int, what: str = "the surrogate", frozen_bn: bool = False) -> int:
+    """The training batch (at most `batch_size`) whose step fits under the cap, next to the
+    memory in use (and RESERVE on the CPU): see training_bytes. MemoryLimitError if not one
+    image fits."""
+    cap = parse_memory(max_memory)
+    cap = default_cap(device) if cap is None else cap
+    c, h, w = shape_chw
+    per_image, fixed = training_bytes(module, shape_chw, device, frozen_bn=frozen_bn)
+    used = in_use(device)
+    reserve = 0 if device.type == "cuda" else RESERVE
+    room = cap - used - reserve - fixed
+    fits = room // per_image
+    if fits < 1:
+        where = "GPU memory" if device.type == "cuda" else "memory"
+        raise MemoryLimitError(
+            f"the memory cap of {human(cap)} cannot train {what} on one {c}x{h}x{w} image: it needs about "
+            f"{human(per_image)} per image and {human(fixed)} for its gradients and momentum, on top of the "
+            f"{human(used)} of {where} already in use" + (f" and {human(reserve)} kept free" if reserve else ""),
+            hint="raise --max-memory (the default is 80% of the memory free when training starts), free memory, "
+                 "or train on a smaller input size")
+    return int(max(1, min(batch_size, fits)))
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """An allocation failure that PyTorch raised rather than the kernel killing the process."""
     if isinstance(exc, MemoryError):

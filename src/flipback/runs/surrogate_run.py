@@ -17,13 +17,14 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
                   epochs: int = 30, members=None, seed: int = 0, flip: bool = True, mean=None, std=None,
                   allow_test_data: bool = False, device: str = "auto", show_progress: bool = True, log=print,
                   init: str | None = None, classes: str | None = None,
-                  batch_size: int = 128) -> dict:
+                  batch_size: int = 128, max_memory: str | int | None = None) -> dict:
     """Train a surrogate of `target` on `data` and save it to `out`; returns its metadata.
 
     The data is decoded as explain decodes it (dataset_for_model): with the target's eval
     transform when flipback can read one from its SPEC (hf:, timm:, .pt2, zoo), its classes
     matched to the target's (or to `classes`, a file). `batch_size`: images per training
-    step (smaller for large images on a small GPU). `members` None: the default members, or
+    step, lowered where `max_memory` (a cap such as "8G"; None: 80% of what is free) holds
+    fewer (the file records what each member trained with). `members` None: the default members, or
     with `init` (a pretrained model's SPEC, at no query cost) that model alone; see
     targets/surrogate.py.
 
@@ -52,10 +53,13 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
                 progress_bar("training the surrogate", total=epochs * len(members), enabled=show_progress,
                              unit="epoch") as t_adv:
             surrogate = train_surrogate(bb, ds, budget, members=members, epochs=epochs, seed=seed, flip=flip,
-                                        batch_size=batch_size,
+                                        batch_size=batch_size, max_memory=max_memory,
                                         target_spec=target, device=dev, init=init,
                                         progress=lambda stage, k: (q_adv if stage == "query" else t_adv)(k))
         surrogate.meta["queries"] = int(bb.queries)  # the accounting layer's exact count
+    lowered = [b for b in surrogate.meta["member_batch_size"] if b < batch_size]
+    if lowered:
+        log(f"trained in batches of {min(lowered)} (not {batch_size}): the memory cap holds no more")
     surrogate.meta["split"] = kind  # "train", "test" (allowed) or "unknown"
     surrogate.meta["split_reason"] = why
     surrogate.meta["seconds"] = time.perf_counter() - t0

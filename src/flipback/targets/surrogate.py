@@ -477,13 +477,17 @@ def agreement(model: torch.nn.Module, x, labels: torch.Tensor, *, device: torch.
 def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: int = 30,
                     holdout: float = 0.1, batch_size: int = 128, lr: float = 0.05, flip: bool = True,
                     seed: int = 0, target_spec: str = "", progress=None, device: torch.device | str = "cpu",
-                    init: str | None = None) -> Surrogate:
+                    init: str | None = None, max_memory: str | int | None = None) -> Surrogate:
     """Query the target on `budget` images of `ds` and fit a surrogate to its answers: each
     member in turn (member i with seed `seed + i`), on the same answers. `members` None: the
     default ones, or with `init` (a pretrained model's SPEC, see build_init) that model alone.
 
     `progress(stage, advance)` is called as work proceeds, if given (one "train" step per
-    member and epoch)."""
+    member and epoch). `max_memory`: the cap training batches are sized under (runs/memory.py;
+    None: 80% of what is free); a member whose `batch_size` images do not fit trains on fewer
+    (recorded as "member_batch_size"), one that cannot fit one image stops with MemoryLimitError."""
+    from ..runs.memory import training_batch  # the planner explain sizes its batches with
+
     members = parse_members(members, init)
     if epochs < 1 and any(name != INIT_MEMBER for name in members):
         raise FlipbackError(f"surrogate members trained from scratch need at least one epoch, got {epochs}",
@@ -494,6 +498,22 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
     pretrained = build_init(init, ds.num_classes, (c, h, w)) if init else None
     if budget < 10:
         raise FlipbackError(f"a surrogate needs a budget of at least 10 queries, got {budget}")
+    pool = member_pool((c, h, w))
+    to_fit = []
+    for i, name in enumerate(members):
+        torch.manual_seed(seed + i)
+        if name == INIT_MEMBER:
+            # Its new head (if any) starts from this seed, as the other members do.
+            to_fit.append(Headed(pretrained.body, pretrained.head.in_features, ds.num_classes)
+                          if isinstance(pretrained, Headed) else pretrained)
+        else:
+            to_fit.append(build_member(name, ds.num_classes, c, pool=pool))
+    # Each member's training batch under the memory cap, before any query is spent: one that
+    # cannot train on a single image stops the run here (MemoryLimitError), not the kernel later.
+    dev = torch.device(device)
+    batches = [training_batch(m.to(dev), (c, h, w), dev, max_memory=max_memory, batch_size=batch_size,
+                              what=f"the surrogate member '{name}'", frozen_bn=name == INIT_MEMBER)
+               for m, name in zip(to_fit, members)]
     rng = np.random.default_rng(seed)
     n = min(budget, len(ds))
     chosen = np.sort(rng.permutation(len(ds))[:n])
@@ -507,19 +527,11 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
     split = rng.permutation(n)
     train_idx, hold_idx = np.sort(split[n_hold:]), np.sort(split[:n_hold])
     x_all = QueriedImages(ds.images, chosen)  # read a batch at a time
-    pool = member_pool((c, h, w))
 
     built, chosen_epochs = [], {}
-    for i, name in enumerate(members):
-        torch.manual_seed(seed + i)
-        if name == INIT_MEMBER:
-            # Its new head (if any) starts from this seed, as the other members do.
-            member = (Headed(pretrained.body, pretrained.head.in_features, ds.num_classes)
-                      if isinstance(pretrained, Headed) else pretrained)
-        else:
-            member = build_member(name, ds.num_classes, c, pool=pool)
+    for i, (name, member) in enumerate(zip(members, to_fit)):
         built.append(_fit_member(member, x_all, train_idx,
-                                 probs if soft else labels, soft, epochs=epochs, lr=lr, batch_size=batch_size,
+                                 probs if soft else labels, soft, epochs=epochs, lr=lr, batch_size=batches[i],
                                  flip=flip and c == 3, seed=seed + i, progress=progress, device=device,
                                  pretrained=name == INIT_MEMBER,
                                  record=chosen_epochs if name == INIT_MEMBER else None))
@@ -530,7 +542,8 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
             "agreement": agreement(model, held_x, held_labels),
             "member_agreement": [agreement(m, held_x, held_labels) for m in built],
             "output": "scores" if soft else "label", "epochs": epochs, "target": target_spec, "seed": seed,
-            "batch_size": batch_size, "member_pool": pool}
+            "batch_size": batch_size, "member_batch_size": batches,
+            "member_pool": pool}
     if init:
         meta["init"] = init  # rebuilt from this SPEC (its files must be there) when the surrogate loads
         meta["init_head"] = isinstance(pretrained, Headed)
