@@ -124,6 +124,8 @@ def art_defences(spec: str, ds, log) -> dict:
                                 nb_classes=ds.num_classes, clip_values=(0.0, 1.0))
         t0 = time.perf_counter()
         ad = ActivationDefence(clf, x, y)
+        # Its k-means (and a randomized PCA on large inputs) draw from NumPy's global generator.
+        np.random.seed(0)
         _, clean = ad.detect_poison(nb_clusters=2, nb_dims=10, reduce="PCA", cluster_analysis="smaller")
         flagged = 1 - np.asarray(clean)
         out[f"ART ActivationDefence ({layer})"] = {"flagged": flagged.astype(bool), "scores": flagged.astype(float),
