@@ -1,6 +1,7 @@
 """Audit and repair of injected label noise, with known answers (issue 15, benchmark 2).
 
     python benchmarks/audit_label_noise.py [--out DIR] [--noise 0.1] [--folds 3]
+    python benchmarks/audit_label_noise.py --seed 1 --validation      # choosing a repair rule
 
 Fashion-MNIST's train split with `--noise` of its labels flipped (seeded) the way annotators
 confuse these classes: T-shirt <-> Shirt, Pullover <-> Coat, Sneaker <-> Sandal,
@@ -19,7 +20,15 @@ recipe (runs/planted.py), each on the other folds.
 AUPRC (average precision over every training image), precision and recall of the flagged
 sets, then the test accuracy of each repaired model against training on the noisy labels
 (each trained with every seed of `--repair-seeds`).
-The test split is used only for that last comparison.
+The test split is used only for that last comparison. Two more rows read the truth, as
+references: the flipped labels among the flagged ones, and among all disagreements, given back
+their true labels (nothing else changed): what a perfect relabelling of what the evidence can
+reach would gain.
+
+`--validation` (on another noise draw, `--seed 1`) chooses between repair rules without the
+test split: 10% of the train split is held out, everything else runs on the rest, and each
+rule (relabel the disagreements at relative L2 >= t for several t, drop them, or both) is
+scored by the accuracy of its model on the held-out images' true labels.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.metrics import average_precision_score, precision_score, recall_score
 
 from flipback.audit.labels import LabelEvidence, label_evidence, relative_scores
-from flipback.audit.split import subset
+from flipback.audit.split import carve, subset
 from flipback.data import Dataset, load_dataset
 from flipback.runs.planted import _train
 from flipback.runs.repair import RepairPlan, evaluate, retrain
@@ -95,6 +104,45 @@ class SmallCNN(BaseEstimator, ClassifierMixin):
         return self.predict_proba(X).argmax(1)
 
 
+def oracle_plans(train: Dataset, clean: Dataset, truth: np.ndarray, disagree: np.ndarray,
+                 flagged: np.ndarray) -> dict:
+    """References that read the truth: what the flipped labels a detector could find (the fold
+    model disagrees; flagged or not) cost, when given back their true labels and nothing else."""
+    return {name: (train, RepairPlan(relabel={int(i): int(clean.labels[i]) for i in np.flatnonzero(rows & truth)}))
+            for name, rows in (("oracle: the flagged flipped ones fixed", flagged),
+                               ("oracle: every disagreeing flipped one fixed", disagree))}
+
+
+def choose_rule(train: Dataset, clean: Dataset, val: Dataset, truth: np.ndarray, ev: LabelEvidence,
+                seeds: list[int], out: Path, rows: dict, log) -> None:
+    """Validation accuracy (true labels) of models trained on the labels each rule repairs:
+    relabel the disagreements whose relative L2 is at least t, for several t, or drop them."""
+    disagree = ev.predicted != train.labels
+
+    def relabel(t: float) -> dict:
+        return {int(i): int(ev.predicted[i]) for i in np.flatnonzero(disagree & (ev.relative >= t))}
+    configs = {"noisy labels": (train, RepairPlan()), "clean labels (reference)": (clean, RepairPlan()),
+               "drop at >= 1": (train, RepairPlan(drop=np.flatnonzero(disagree & (ev.relative >= 1))))}
+    for t in (1.0, 1.5, 2.0, 3.0):
+        configs[f"relabel at >= {t:g}"] = (train, RepairPlan(relabel=relabel(t)))
+    configs["relabel at >= 2, drop [1, 2)"] = (train, RepairPlan(
+        relabel=relabel(2.0), drop=np.flatnonzero(disagree & (ev.relative >= 1) & (ev.relative < 2))))
+    configs.update(oracle_plans(train, clean, truth, disagree, disagree & (ev.relative >= 1)))
+    results = {}
+    for name, (data, plan) in configs.items():
+        changed = np.array(sorted(plan.relabel), dtype=np.int64)
+        tag = "val-" + name.split()[0].strip(":,")
+        runs = [evaluate(retrain(data, plan, name=tag, seed=sd, show_progress=False, log=log), val) for sd in seeds]
+        acc = np.array([r["accuracy"] for r in runs])
+        results[name] = {"accuracy": acc.tolist(), "relabelled": len(changed),
+                         "relabel_precision": float(truth[changed].mean()) if len(changed) else None,
+                         "dropped": int(len(plan.drop))}
+        log(f"{name:32s} relabelled {len(changed):5d} (precision {results[name]['relabel_precision'] or 0:.3f}) "
+            f"dropped {len(plan.drop):5d}  validation accuracy {acc.mean():.4f} +- {acc.std():.4f}")
+    (out / "validation.json").write_text(json.dumps({"n_train": len(train), "n_validation": len(val),
+                                                     "tools": rows, "rules": results}, indent=2, default=float))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="out/audit-label-noise")
@@ -103,6 +151,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="Which labels are flipped.")
     ap.add_argument("--repair-seeds", default="0,1,2", help="Training seeds of every repaired model.")
     ap.add_argument("--skip-repair", action="store_true", help="Only the detection figures.")
+    ap.add_argument("--validation", action="store_true",
+                    help="Choose the repair rule: hold out 10%% of the train split and score each rule there.")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +160,12 @@ def main() -> None:
     clean = load_dataset(FMNIST, split="train")
     test = load_dataset(FMNIST, split="test")
     train, truth = noisy(clean, args.noise, seed=args.seed)
+    if args.validation:
+        # Choosing a repair rule: 10% of the (noisy) train split is held out and scored on its
+        # true labels; the test split is not read.
+        rest, held = carve(train, 0.1, seed=0)
+        val = subset(clean, held, "label-noise-val")
+        clean, train, truth = subset(clean, rest, "label-noise-rest"), subset(train, rest, "rest"), truth[rest]
     log(f"train {len(train)}, {truth.sum()} labels flipped")
     t0 = time.perf_counter()
     fold_of, specs = fold_models(train, args.folds, log)
@@ -165,6 +221,9 @@ def main() -> None:
         log(f"{name:45s} flagged {f.sum():5d}  P {rows[name]['precision']:.3f}  R {rows[name]['recall']:.3f}  "
             f"AUPRC {rows[name]['auprc']:.3f}  {sec:.0f} s")
 
+    if args.validation:
+        choose_rule(train, clean, val, truth, ev, [int(v) for v in args.repair_seeds.split(",")], out, rows, log)
+        return
     if args.skip_repair:
         (out / "summary.json").write_text(json.dumps({"n_train": n, "n_flipped": int(truth.sum()), "seed": args.seed,
                                                       "tools": rows}, indent=2, default=float))
@@ -175,10 +234,12 @@ def main() -> None:
     relabel = {int(i): int(ev.predicted[i]) for i in np.flatnonzero(flagged)}
     configs = {"noisy labels": (train, RepairPlan()), "clean labels (reference)": (clean, RepairPlan()),
                "flipback relabel": (train, RepairPlan(relabel=relabel)),
-               "flipback drop": (train, RepairPlan(drop=np.flatnonzero(flagged)))}
+               "flipback drop": (train, RepairPlan(drop=np.flatnonzero(flagged))),
+               **oracle_plans(train, clean, truth, disagree, flagged)}
     repair = {}
     for name, (data, plan) in configs.items():
-        runs = [evaluate(retrain(data, plan, name=name.split()[-1], seed=sd, show_progress=False, log=log), test)
+        runs = [evaluate(retrain(data, plan, name=name.split()[-1].strip(":,"), seed=sd, show_progress=False, log=log),
+                         test)
                 for sd in seeds]
         repair[name] = {"accuracy": [r["accuracy"] for r in runs], "runs": runs}
     runs = []
