@@ -215,9 +215,9 @@ def training_bytes(module: torch.nn.Module, shape_chw, device: torch.device, *,
                    frozen_bn: bool = False) -> tuple[int, int]:
     """(bytes per image, fixed bytes) of a training step of `module`: its saved activations
     times TRAIN_AUTOGRAD_FACTOR plus TRAIN_COPIES image copies; and the gradients and SGD
-    momentum of its trainable weights. Measured in training mode (batch-norm in training mode
-    saves about twice what it does in eval mode), with `frozen_bn` batch-norm layers in eval
-    mode as such training runs them; the buffers (running statistics) are put back after."""
+    momentum of its trainable weights. Measured in training mode, as the step runs (with
+    `frozen_bn`, batch-norm layers in eval mode, as such training runs them); the buffers
+    (batch-norm running statistics) are put back after."""
     c, h, w = shape_chw
     modes = {m: m.training for m in module.modules()}
     buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
