@@ -1,0 +1,85 @@
+"""Agreement against budget: what more target answers buy the default surrogate (issue 13).
+
+    python benchmarks/surrogate_budget.py OUT_DIR [--budgets 1000,2000,5000,10000] [--errors 500]
+                                                                                       (needs ../shared)
+
+For each budget, `flipback surrogate`'s default ensemble (resnet20 + 2 x cnn32, 30 epochs,
+from scores) is trained on the public ResNet-20's answers for that many CIFAR-10 *train*
+images (the same seed, so each budget's images contain the smaller budgets' ones), saved to
+OUT_DIR/surrogate-BUDGET.th and reused on a rerun. Each row: the agreement with the target on
+the surrogate's held-out tenth and on all 10,000 test images, then black-box `fast` (at most
+10 queries, as benchmarks/surrogate_ablation.py) on the first `--errors` test errors: success,
+mean target queries, share corrected by the first query, median L2 of the verified 8-bit
+change. The test images are used only to measure; nothing is chosen on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from flipback.attacks import FastAttack
+from flipback.data import load_dataset
+from flipback.runs.errors import to_tensor
+from flipback.runs.faithfulness import _real_images
+from flipback.runs.surrogate_run import run_surrogate
+from flipback.targets import ModelGuide
+from flipback.targets.blackbox import load_blackbox
+from flipback.targets.surrogate import agreement, load_surrogate
+
+SPEC = "cifar_resnet20:../shared/models/cifar10_resnet20.th"
+DATA = "../shared/data/cifar10-jpeg"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--budgets", default="1000,2000,5000,10000")
+    ap.add_argument("--errors", type=int, default=500, help="How many of the first test errors `fast` explains.")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    _, _, x, y, _, k, _ = _real_images(DATA, SPEC, args.errors, False)
+    test = load_dataset(DATA, split="test", progress=False)
+    everything = to_tensor(test.images[:])
+    rows = []
+    with load_blackbox(SPEC, k, output="scores") as target:
+        target_labels = target.query(everything, counted=False).labels
+        print(f"| answers | training | agreement (held out) | agreement (10,000 test images) | success ({len(x)} "
+              "errors) | mean queries | corrected by the first query | median L2 |")
+        print("|---|---|---|---|---|---|---|---|")
+        for budget in (int(b) for b in args.budgets.split(",")):
+            path = args.out / f"surrogate-{budget}.th"
+            t0 = time.perf_counter()
+            if not path.is_file():
+                run_surrogate(target=SPEC, data=f"{DATA}/train", budget=budget, out=path, show_progress=False,
+                              device="cpu", log=lambda *a: None)
+            seconds = time.perf_counter() - t0
+            surrogate = load_surrogate(path)
+            model = surrogate.module.eval()
+            agreed = agreement(model, everything, target_labels)
+            before = target.queries
+            results = [FastAttack(max_queries=10).run(target, ModelGuide(model, k), x[s:s + 256], y[s:s + 256],
+                                                      torch.arange(s, min(s + 256, len(x))))
+                       for s in range(0, len(x), 256)]
+            success = torch.cat([r.success for r in results])
+            queries = torch.cat([r.queries for r in results])
+            assert int(queries.sum()) == target.queries - before  # the accountant agrees
+            l2 = (torch.cat([r.corrected for r in results]) - x).flatten(1).norm(dim=1)
+            row = {"budget": budget, "training_seconds": seconds, "held_out_agreement": surrogate.meta["agreement"],
+                   "test_agreement": agreed, "success": float(success.float().mean()),
+                   "mean_queries": float(queries.float().mean()),
+                   "first_query": float((success & (queries == 1)).float().mean()),
+                   "median_l2": float(l2[success].median()) if bool(success.any()) else None}
+            rows.append(row)
+            print(f"| {budget:,} | {seconds:.0f} s | {row['held_out_agreement']:.1%} | {agreed:.1%} | "
+                  f"{row['success']:.1%} | {row['mean_queries']:.2f} | {row['first_query']:.1%} | "
+                  f"{row['median_l2'] or float('nan'):.3f} |", flush=True)
+    (args.out / "budget.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
