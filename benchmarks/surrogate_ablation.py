@@ -28,13 +28,27 @@ SPEC = "cifar_resnet20:../shared/models/cifar10_resnet20.th"
 DATA = "../shared/data/cifar10-jpeg"
 
 
+def fast_black_box(target, model, k: int, x, y, max_queries: int = 10):
+    """(success, queries, L2) of black-box `fast` guided by `model` on images `x` with true
+    labels `y`, 256 at a time; the attack's query counts are checked against the target's."""
+    before = target.queries
+    guide = ModelGuide(model, k)
+    results = [FastAttack(max_queries=max_queries).run(target, guide, x[s:s + 256], y[s:s + 256],
+                                                       torch.arange(s, min(s + 256, len(x))))
+               for s in range(0, len(x), 256)]
+    success = torch.cat([r.success for r in results])
+    queries = torch.cat([r.queries for r in results])
+    assert int(queries.sum()) == target.queries - before  # the accountant agrees
+    return success, queries, (torch.cat([r.corrected for r in results]) - x).flatten(1).norm(dim=1)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(2)
     surrogate = load_surrogate(sys.argv[1])
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 10**9
     ensemble = isinstance(surrogate.module, SurrogateEnsemble)
     members, names = (surrogate.module.members if ensemble else [surrogate.module]), surrogate.meta["members"]
-    _, _, x, y, _, k = _real_images(DATA, SPEC, n, False)
+    _, _, x, y, _, k, _ = _real_images(DATA, SPEC, n, False)
     test = load_dataset(DATA, split="test", progress=False)
     everything = to_tensor(test.images[:])
     output = surrogate.meta["output"]
@@ -48,15 +62,7 @@ if __name__ == "__main__":
                 model = SurrogateEnsemble([members[i] for i in subset]).eval()
                 agreed = agreement(model, everything, target_labels)
                 t0 = time.perf_counter()
-                before = target.queries
-                guide = ModelGuide(model, k)
-                results = [FastAttack(max_queries=10).run(target, guide, x[s:s + 256], y[s:s + 256],
-                                                          torch.arange(s, min(s + 256, len(x))))
-                           for s in range(0, len(x), 256)]
-                success = torch.cat([r.success for r in results])
-                queries = torch.cat([r.queries for r in results])
-                assert int(queries.sum()) == target.queries - before  # the accountant agrees
-                l2 = (torch.cat([r.corrected for r in results]) - x).flatten(1).norm(dim=1)
+                success, queries, l2 = fast_black_box(target, model, k, x, y)
                 label = " + ".join(f"{names[i]} (#{i + 1})" for i in subset)
                 print(f"| {label} | {agreed:.1%} | {success.float().mean():.2%} | {queries.float().mean():.3f} | "
                       f"{(success & (queries == 1)).float().mean():.1%} | {l2[success].median():.3f} | "

@@ -20,14 +20,12 @@ import json
 import time
 from pathlib import Path
 
-import torch
+from surrogate_ablation import fast_black_box  # run as a script: benchmarks/ is on the path
 
-from flipback.attacks import FastAttack
 from flipback.data import load_dataset
 from flipback.runs.errors import to_tensor
 from flipback.runs.faithfulness import _real_images
 from flipback.runs.surrogate_run import run_surrogate
-from flipback.targets import ModelGuide
 from flipback.targets.blackbox import load_blackbox
 from flipback.targets.surrogate import agreement, load_surrogate
 
@@ -61,14 +59,7 @@ def main() -> None:
             surrogate = load_surrogate(path)
             model = surrogate.module.eval()
             agreed = agreement(model, everything, target_labels)
-            before = target.queries
-            results = [FastAttack(max_queries=10).run(target, ModelGuide(model, k), x[s:s + 256], y[s:s + 256],
-                                                      torch.arange(s, min(s + 256, len(x))))
-                       for s in range(0, len(x), 256)]
-            success = torch.cat([r.success for r in results])
-            queries = torch.cat([r.queries for r in results])
-            assert int(queries.sum()) == target.queries - before  # the accountant agrees
-            l2 = (torch.cat([r.corrected for r in results]) - x).flatten(1).norm(dim=1)
+            success, queries, l2 = fast_black_box(target, model, k, x, y)
             row = {"budget": budget, "training_seconds": seconds, "held_out_agreement": surrogate.meta["agreement"],
                    "test_agreement": agreed, "success": float(success.float().mean()),
                    "mean_queries": float(queries.float().mean()),
