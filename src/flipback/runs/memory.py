@@ -165,13 +165,17 @@ def estimate_per_image(module: torch.nn.Module | None, method: str, shape_chw, d
     """(model bytes, model + attack bytes) for one image."""
     c, h, w = shape_chw
     state = STATE_COPIES.get(method, max(STATE_COPIES.values())) * c * h * w * 4
-    model = 0
-    if module is not None:
-        one = saved_bytes(module, shape_chw, device, 1)
-        two = saved_bytes(module, shape_chw, device, 2) if one is not None else None
-        # Both are measured: the difference is per image (weights saved for backward are not).
-        model = int(AUTOGRAD_FACTOR * max(two - one, 0)) + c * h * w * 4 if two is not None else 0
+    saved = saved_per_image(module, shape_chw, device) if module is not None else None
+    model = int(AUTOGRAD_FACTOR * saved) + c * h * w * 4 if saved is not None else 0
     return model, model + state
+
+
+def saved_per_image(module: torch.nn.Module, shape_chw, device: torch.device) -> int | None:
+    """Bytes autograd saves per image: measured on 1 and on 2 images, the difference (weights
+    saved for backward are not per image); None where the model fails on blank images."""
+    one = saved_bytes(module, shape_chw, device, 1)
+    two = saved_bytes(module, shape_chw, device, 2) if one is not None else None
+    return max(two - one, 0) if two is not None else None
 
 
 def plan(module: torch.nn.Module | None, method: str, shape_chw, device: torch.device, *,
@@ -227,16 +231,14 @@ def training_bytes(module: torch.nn.Module, shape_chw, device: torch.device, *,
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
     try:
-        one = saved_bytes(module, shape_chw, device, 1)
-        two = saved_bytes(module, shape_chw, device, 2) if one is not None else None
+        saved = saved_per_image(module, shape_chw, device)
     finally:
         for m, mode in modes.items():
             m.training = mode
         with torch.no_grad():
             for name, b in module.named_buffers():
                 b.copy_(buffers[name])
-    per_image = ((int(TRAIN_AUTOGRAD_FACTOR * max(two - one, 0)) if two is not None else 0)
-                 + TRAIN_COPIES * c * h * w * 4)
+    per_image = (int(TRAIN_AUTOGRAD_FACTOR * saved) if saved is not None else 0) + TRAIN_COPIES * c * h * w * 4
     fixed = 2 * sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
     return per_image, fixed
 
