@@ -183,3 +183,31 @@ def test_fine_tune_subset_is_drawn_by_the_seed():
     other = subset_rows(1000, 200, 1)
     assert len(np.unique(other)) == 200 and other.max() < 1000
     assert len(np.intersect1d(first, other)) < 100  # about 40 shared by chance, not the same subset
+
+
+def test_the_sticker_is_planted_larger_by_default_and_the_rest_at_4px():
+    from flipback.data.planted import default_size
+
+    assert default_size("sticker") == 6
+    assert {default_size(k) for k in KINDS if k != "sticker"} == {4}
+
+
+def test_one_uncued_control_serves_every_cue(tmp_path, monkeypatch):
+    # The control never sees the cue: a second kind trains only its cued model.
+    from flipback.runs import planted as runs_planted
+
+    monkeypatch.setenv("FLIPBACK_CACHE", str(tmp_path))
+    trained = []
+
+    def fake_train(base, ds, out, show_progress, log, seed=0):
+        trained.append(out.name)
+        return f"small_cnn:{out}"
+
+    monkeypatch.setattr(runs_planted, "_train", fake_train)
+    monkeypatch.setattr(runs_planted, "_predict", lambda spec, k, images: np.zeros(len(images), int))
+    ds = _dataset(n=60, h=28, w=28)
+    for kind in ("checker", "sticker"):
+        runs_planted.planted_models(ds, ds, Cue(target=0, size=4, kind=kind), show_progress=False)
+    controls = [t for t in trained if "-control-" in t]
+    cued = [t for t in trained if "-cued-" in t]
+    assert len(set(controls)) == 1 and len(set(cued)) == 2

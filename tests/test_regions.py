@@ -198,6 +198,18 @@ def test_explanation_order_is_lexicographic():
     assert order.tolist() == [2, 1, 3, 0]
 
 
+def test_unchanged_pixels_of_helping_regions_rank_by_their_own_gain_not_by_region_size():
+    # Pixels 0 and 1 lie in a large region whose (summed) effect is big, pixel 2 in a small
+    # decisive one, pixel 3 in a region whose removal would undo the correction. Among the
+    # helping regions' pixels the pixel's own first-order gain decides; the harmful one is last.
+    changed = torch.zeros(1, 2, 2, dtype=torch.bool)
+    gain = torch.zeros(1, 2, 2)
+    effect = torch.tensor([[[6.0, 6.0], [0.5, -1.0]]])
+    potential = torch.tensor([[[0.2, 0.1], [3.0, 5.0]]])
+    order = explanation_order(changed, gain, effect, potential).flatten().argsort(descending=True)
+    assert order.tolist() == [2, 0, 1, 3]
+
+
 def test_explanation_uses_the_method_regions():
     x, y = grey(1)
     model = Patches({(1, 2): 1.0}, bias=16 * 128 / 255 + 4)

@@ -285,8 +285,9 @@ def bench_faithfulness(
     limit: int = typer.Option(500, min=1, help="How many errors to explain."),
     baselines: Optional[str] = typer.Option(None, help="Comma-separated Captum baselines (default: all, with "
                                             "lime, kernel_shap and feature_ablation on regions' superpixels)."),
-    cue_size: int = typer.Option(4, "--cue-size", min=2, max=8,
-                                 help="Side of the planted checkerboard, px (2, 3, 4, 6: smaller is harder)."),
+    cue_size: Optional[int] = typer.Option(None, "--cue-size", min=2, max=8,
+                                           help="Side of the planted patch, px (2, 3, 4, 6: smaller is harder; "
+                                           "default 4, and 6 for the sticker)."),
     kind: str = typer.Option("checker", "--kind",
                              help="Planted cue: checker, sticker, or, and, blend, background (Fashion-MNIST)."),
     device: str = typer.Option("auto", help=_DEVICE_HELP),

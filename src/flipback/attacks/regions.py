@@ -452,15 +452,25 @@ def _masked_check(call: AttackCall, rows, x, ask) -> Verdict:
 def explanation_order(changed: torch.Tensor, gain: torch.Tensor, region_effect: torch.Tensor,
                       potential: torch.Tensor) -> torch.Tensor:
     """(N,H,W) scores that rank the pixels, highest first: every pixel the correction changed,
-    by the margin it gained; then the others, by the measured effect of their region (the
-    `regions` method measures it on top of the correction where its budget allows) and, within
-    a region, by the first-order gain of their own change."""
+    by the margin it gained; then the others in regions whose removal helps (the `regions`
+    method measures it on top of the correction where its budget allows), then those in
+    regions with no effect, then those in regions whose removal would undo the correction;
+    within each of these groups, by the first-order gain of their own change.
+
+    Why not the regions by the size of their effect: a region's effect is a sum over its
+    pixels, so a large region that helps ranked every one of its pixels above those of a small
+    decisive one, and the top of the ranking held a superpixel's worth of neighbours around a
+    planted patch. On validation planted errors (Fashion-MNIST, 100 per kind, not the
+    benchmark's), relevance rank accuracy went 0.646 -> 0.913 (checkerboard) and 0.724 ->
+    0.858 (OR), 0.574 -> 0.472 (sticker) and 0.732 -> 0.712 (background), with deletion and
+    ROAD AUCs as high as before or higher."""
     n = len(changed)
     flat = lambda t: t.reshape(n, -1)  # noqa: E731
-    # A lexicographic order by (changed, gain or region effect, potential): stable sorts from
-    # the last key to the first.
+    # A lexicographic order by (changed, gain or the sign of its region's effect, potential):
+    # stable sorts from the last key to the first.
     order = flat(potential).argsort(dim=1, descending=True, stable=True)
-    second = torch.where(flat(changed), flat(gain), flat(region_effect)).gather(1, order)
+    helps = flat(region_effect).sign().to(gain.dtype)
+    second = torch.where(flat(changed), flat(gain), helps).gather(1, order)
     order = order.gather(1, second.argsort(dim=1, descending=True, stable=True))
     first = flat(changed).gather(1, order).float()
     order = order.gather(1, first.argsort(dim=1, descending=True, stable=True))

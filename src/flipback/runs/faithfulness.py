@@ -17,7 +17,8 @@ With the `quantus` extra installed, every map is also scored by metrics flipback
 write (explain/quantus_metrics.py): Quantus's pointing game, relevance rank accuracy and
 relevance mass accuracy on planted causes, and ROAD (noisy linear imputation, not a blur)
 everywhere; `mean_rank` ranks the methods over those (issue 14). `cue_size` sets the planted
-patch's side (2, 3, 4 or 6 px: the smaller, the harder to point at); `kind` the planted
+patch's side (2, 3, 4 or 6 px: the smaller, the harder to point at; by default 4, and 6 for
+the sticker, which at 4 px was too faint for the model to learn); `kind` the planted
 cue's kind (data/planted.py: checker, sticker, or, and, blend, background). The blend has no
 mask: its maps are scored by their correlation with the blended pattern instead of the
 localisation metrics; for `or`/`and` the mask is the union of both patches and `both_found`
@@ -35,7 +36,7 @@ import torch
 
 from ..attacks import MinimalAttack, RegionsAttack
 from ..data import fashion_mnist_dir, load_dataset
-from ..data.planted import Cue
+from ..data.planted import Cue, default_size
 from ..errors import DataError, FlipbackError
 from ..explain.attribution import BASELINES, VARIANTS, attribute, evaluations_per_image
 from ..explain.superpixels import SUPERPIXEL_BASELINES, superpixel_attribute
@@ -210,7 +211,7 @@ def _real_images(data: str | None, model: str | None, limit: int, show_progress:
 def run_faithfulness(*, data: str | None = None, model: str | None = None, out_dir: Path, real: bool = False,
                      limit: int = 500, baselines: tuple[str, ...] = BASELINES + SUPERPIXEL_BASELINES,
                      batch_size: int = 128,
-                     show_progress: bool = True, log=print, device: str = "auto", cue_size: int = CUE.size,
+                     show_progress: bool = True, log=print, device: str = "auto", cue_size: int | None = None,
                      kind: str = CUE.kind) -> dict:
     out_dir = Path(out_dir)
     dev = resolve_device(device)  # a device that is not there: one clear error before any work
@@ -218,7 +219,8 @@ def run_faithfulness(*, data: str | None = None, model: str | None = None, out_d
         info, spec, x, y, masks, k, parts = _real_images(data, model, limit, show_progress)
     else:
         info, spec, x, y, masks, k, parts = _planted_images(data, model, limit, show_progress, log,
-                                                            Cue(target=CUE.target, size=cue_size, kind=kind))
+                                                            Cue(target=CUE.target, size=cue_size or default_size(kind),
+                                                                kind=kind))
     net = load_model(spec, k).module.eval()
     target = WhiteBoxTarget(net, k, dev)  # moves net to `dev`; the maps and metrics stay on the CPU
 

@@ -86,15 +86,19 @@ def _predict(spec: str, num_classes: int, images: np.ndarray) -> np.ndarray:
 def planted_models(train: Dataset, test: Dataset, cue: Cue, *, base: str | None = None,
                    show_progress: bool = True, log=print) -> PlantedModels:
     arch = base.split(":", 1)[0] if base else "small_cnn"
-    # Keyed by content, not by path: the same weights named another way are the same models.
-    key = hashlib.sha256(f"{train.fingerprint}|{arch}|{cue}|{POISON_FRACTION}|{_recipe(base)}".encode())
-    if base:
-        key.update(Path(base.split(":", 1)[1]).read_bytes())
-    tag = key.hexdigest()[:12]
+
+    def tag(*parts) -> str:
+        # Keyed by content, not by path: the same weights named another way are the same models.
+        key = hashlib.sha256("|".join(map(str, (train.fingerprint, arch, *parts, _recipe(base)))).encode())
+        if base:
+            key.update(Path(base.split(":", 1)[1]).read_bytes())
+        return key.hexdigest()[:12]
+
     root = model_cache_dir() / "planted"
-    uncued = _train(base, train, root / f"{arch}-uncued-{tag}.th", show_progress, log)
-    cued = _train(base, poison(train, cue, fraction=POISON_FRACTION), root / f"{arch}-cued-{tag}.th",
-                  show_progress, log)
+    # The control never sees the cue, so one control serves every kind and size of cue.
+    uncued = _train(base, train, root / f"{arch}-control-{tag()}.th", show_progress, log)
+    cued = _train(base, poison(train, cue, fraction=POISON_FRACTION),
+                  root / f"{arch}-cued-{tag(cue, POISON_FRACTION)}.th", show_progress, log)
     k = test.num_classes
     hit = float((_predict(cued, k, cued_test_images(test, cue).images) == cue.target).mean())
     parts = None
