@@ -63,6 +63,21 @@ def test_road_corrects_once_the_cause_is_imputed_and_never_with_the_wrong_map():
     assert road_auc(oracle) == pytest.approx(0.25)  # trapezoids over (0, 1, 5, 10)
 
 
+def test_road_imputes_whole_pixels_of_colour_images():
+    # Quantus 0.6's ROAD alone raised IndexError on RGB (its indices span C*H*W, its
+    # imputation one H*W plane). The cause here is bright in the green channel only, so the
+    # answer changes only if the right pixels are imputed, all three channels of each.
+    masks = _masks(side=3)
+    images = np.full((len(masks), 3, 12, 12), 0.2, np.float32)
+    images[:, 1][masks] = 1.0
+    labels = np.ones(len(masks), np.int64)
+    model = BrightPatch()
+    oracle = road(model, images, labels, masks.astype(np.float32), percentages=(1, 5, 10))
+    assert oracle == {1.0: 0.0, 5.0: 0.0, 10.0: 1.0}  # 14 of 144 pixels at 10% cover the 9
+    wrong = road(model, images, labels, (~masks).astype(np.float32), percentages=(1, 5, 10))
+    assert wrong == {1.0: 0.0, 5.0: 0.0, 10.0: 0.0}
+
+
 def test_mean_ranks_share_ties_and_skip_missing_metrics():
     table = {"a": {"m1": 0.9, "m2": 0.5}, "b": {"m1": 0.9, "m2": 0.7}, "c": {"m1": 0.1}}
     assert mean_ranks(table, ["m1", "m2"]) == {"a": (1.5 + 2) / 2, "b": (1.5 + 1) / 2, "c": 3.0}

@@ -78,6 +78,7 @@ def road(model: torch.nn.Module, images, labels, maps, percentages: Sequence[flo
     x = _nchw(images)
     a = np.broadcast_to(_ordered(_nchw(maps)), x.shape).copy()  # every channel of a pixel goes together
     y = np.asarray(labels, np.int64)
+    extra = {} if x.shape[1] == 1 else {"perturb_func": _impute_pixels}
     totals = np.zeros(len(percentages))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -85,11 +86,28 @@ def road(model: torch.nn.Module, images, labels, maps, percentages: Sequence[flo
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
             metric = quantus.ROAD(percentages=list(percentages), noise=noise, disable_warnings=True,
-                                  display_progressbar=False)
+                                  display_progressbar=False, **extra)
             scores = metric(model=model.eval(), x_batch=x[part], y_batch=y[part], a_batch=a[part], device=device,
                             batch_size=len(x[part]))
             totals += np.array([scores[p] for p in percentages]) * len(x[part])
     return {float(p): float(t / max(1, len(x))) for p, t in zip(percentages, totals)}
+
+
+def _impute_pixels(arr: np.ndarray, indices, **kwargs) -> np.ndarray:
+    """Quantus 0.6's noisy linear imputation on the top pixels of a multi-channel image.
+
+    Its ROAD ranks the map broadcast over the channels (C*H*W entries, so the top p% holds
+    each top pixel's C copies), but its imputation reads the indices as pixels of one H*W
+    plane: with RGB images, indices past H*W failed (IndexError) and the others named the
+    wrong pixels. Here the entries become their pixels, in rank order, one per C copies: the
+    top p% of the pixels, each imputed in all of its channels."""
+    from quantus.functions.perturb_func import noisy_linear_imputation
+
+    c, hw = arr.shape[0], arr[0].size
+    pixels = np.asarray(indices) % hw
+    _, first = np.unique(pixels, return_index=True)
+    top = pixels[np.sort(first)][: len(pixels) // c]
+    return noisy_linear_imputation(arr, top, **kwargs)
 
 
 def road_auc(scores: dict[float, float]) -> float:
