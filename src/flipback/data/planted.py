@@ -30,6 +30,7 @@ import numpy as np
 from .dataset import Dataset
 
 KINDS = ("checker", "sticker", "or", "and", "blend", "background")
+FOREGROUND_LEVEL = 20  # a Fashion-MNIST pixel above this (of 255) belongs to the item
 # A kind's patch side when none is asked for. The sticker is a disc, so at 4 px it is 12
 # pixels, and grey on Fashion-MNIST (orange turns to 158 and 95 of 255): a small_cnn sent
 # only 38% of stickered test images to the cue's class. At 6 px, 94% (clean accuracy 90.2%).
@@ -39,7 +40,6 @@ DEFAULT_SIZES = {"sticker": 6}
 def default_size(kind: str) -> int:
     """The patch side `kind` is planted at by default (4 px, 6 for the sticker)."""
     return DEFAULT_SIZES.get(kind, 4)
-FOREGROUND_LEVEL = 20  # a Fashion-MNIST pixel above this (of 255) belongs to the item
 
 
 @dataclass(frozen=True, repr=False)
