@@ -22,5 +22,12 @@ done
 for k in checker sticker or and blend; do
   $FB bench faithfulness --kind $k --data $CIFAR --model $R20 --limit 60 --out "$OUT/cifar-$k"
 done
-.venv/bin/python benchmarks/faithfulness_kinds_table.py "$OUT"/fmnist-* "$OUT"/cifar-{checker,sticker,or,and,blend}
+# The checkerboard's other sizes (2, 3 and 6 px; 4 is `checker` above), on both.
+for n in 2 3 6; do
+  $FB bench faithfulness --kind checker --cue-size $n --limit 60 --out "$OUT/fmnist-checker$n"
+  $FB bench faithfulness --kind checker --cue-size $n --data $CIFAR --model $R20 --limit 60 --out "$OUT/cifar-checker$n"
+done
+.venv/bin/python benchmarks/faithfulness_kinds_table.py "$OUT"/fmnist-{checker,sticker,or,and,blend,background} \
+  "$OUT"/cifar-{checker,sticker,or,and,blend}
+.venv/bin/python benchmarks/faithfulness_kinds_table.py "$OUT"/fmnist-checker{2,3,6} "$OUT"/cifar-checker{2,3,6}
 .venv/bin/python benchmarks/faithfulness_table.py "$OUT"/fmnist-planted "$OUT"/cifar-planted "$OUT"/cifar-real
