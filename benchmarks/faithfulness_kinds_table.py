@@ -67,13 +67,13 @@ def main(runs):
         text, mr, bar = table(run)
         print(text)
         group = run.name.split("-", 1)[0]
-        for g in (group, "all"):
-            for name, v in mr.items():
-                ranks.setdefault(g, {}).setdefault(name, []).append(v)
-            bars.setdefault(g, []).extend(bar)
-    everything = ranks.pop("all"), bars.pop("all")
-    if len(ranks) > 1:  # one data set: "all" would repeat it; else it comes last
-        ranks["all"], bars["all"] = everything
+        for name, v in mr.items():
+            ranks.setdefault(group, {}).setdefault(name, []).append(v)
+        bars.setdefault(group, []).extend(bar)
+    if len(ranks) > 1:  # with one data set, "all" would repeat it
+        ranks["all"] = {name: [v for g in ranks.values() for v in g.get(name, [])]
+                        for name in {n for g in ranks.values() for n in g}}
+        bars["all"] = [b for g in bars.values() for b in g]
     for g, table_ in ranks.items():
         print(f"**Mean rank, {g}** (1 = best):\n")
         print("| method | mean rank | kinds |\n|---|---|---|")

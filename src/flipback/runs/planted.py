@@ -86,12 +86,12 @@ def _predict(spec: str, num_classes: int, images: np.ndarray) -> np.ndarray:
 def planted_models(train: Dataset, test: Dataset, cue: Cue, *, base: str | None = None,
                    show_progress: bool = True, log=print) -> PlantedModels:
     arch = base.split(":", 1)[0] if base else "small_cnn"
+    # Keyed by content, not by path: the same weights named another way are the same models.
+    weights = Path(base.split(":", 1)[1]).read_bytes() if base else b""
 
     def tag(*parts) -> str:
-        # Keyed by content, not by path: the same weights named another way are the same models.
         key = hashlib.sha256("|".join(map(str, (train.fingerprint, arch, *parts, _recipe(base)))).encode())
-        if base:
-            key.update(Path(base.split(":", 1)[1]).read_bytes())
+        key.update(weights)
         return key.hexdigest()[:12]
 
     root = model_cache_dir() / "planted"
