@@ -76,7 +76,8 @@ import foolbox
 from foolbox.attacks.fast_minimum_norm import L2FMNAttack
 from foolbox.devutils import atleast_kd, flatten
 
-__all__ = ["ATTACKS", "L2FMNFixed", "make_attack", "run_foolbox", "scale_then_round", "to_uint8_grid"]
+__all__ = ["ATTACKS", "L2FMNFixed", "judge_batch", "make_attack", "run_foolbox", "scale_then_round",
+           "to_uint8_grid"]
 
 ATTACKS = ("ddn", "fmn", "fmn-fixed")
 
@@ -160,6 +161,27 @@ def scale_then_round(model, x, x_adv, labels, *, scale_max: float = 64.0, scale_
     return x_scaled, success, scale, n_evals
 
 
+def judge_batch(model, x, x_adv, y, *, scale_max: float = 64.0, scale_bisect_steps: int = 5):
+    """Judge one batch of an attack's float outputs as flipback judges its own: in float, rounded to
+    the 8-bit grid, and by scale-then-round. Returns (per-image tensors, forward passes of the scale
+    search). Shared by the Foolbox and adv-lib baselines."""
+    x_adv = x_adv.clamp(0, 1)
+    ok_float = _correct(model, x_adv, y)
+    x_round = to_uint8_grid(x_adv)
+    ok_uint8 = _correct(model, x_round, y)
+    x_scaled, ok_scaled, scale, n_evals = scale_then_round(
+        model, x, x_adv, y, scale_max=scale_max, scale_bisect_steps=scale_bisect_steps)
+    nan = torch.full((len(x),), math.nan, device=x.device)
+    return {
+        "x_adv": x_adv, "success_float": ok_float,
+        "x_round": x_round, "success_uint8": ok_uint8,
+        "x_scaled": x_scaled, "success_scaled": ok_scaled, "scale": scale,
+        "l2_float": torch.where(ok_float, _l2(x_adv, x), nan),
+        "l2_uint8": torch.where(ok_uint8, _l2(x_round, x), nan),
+        "l2_scaled": torch.where(ok_scaled, _l2(x_scaled, x), nan),
+    }, n_evals
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -219,22 +241,10 @@ def run_foolbox(
             torch.cuda.synchronize(device)
         seconds += time.perf_counter() - t0
 
-        x_adv = raw.detach().clamp(0, 1)
-        ok_float = _correct(model, x_adv, y)
-        x_round = to_uint8_grid(x_adv)
-        ok_uint8 = _correct(model, x_round, y)
-        x_scaled, ok_scaled, scale, n_evals = scale_then_round(
-            model, x, x_adv, y, scale_max=scale_max, scale_bisect_steps=scale_bisect_steps)
+        batch, n_evals = judge_batch(model, x, raw.detach(), y, scale_max=scale_max,
+                                     scale_bisect_steps=scale_bisect_steps)
+        batch["success_foolbox"] = fb_success.detach()
         scale_evals = max(scale_evals, n_evals)
-        nan = torch.full((len(x),), math.nan, device=device)
-        batch = {
-            "x_adv": x_adv, "success_float": ok_float, "success_foolbox": fb_success.detach(),
-            "x_round": x_round, "success_uint8": ok_uint8,
-            "x_scaled": x_scaled, "success_scaled": ok_scaled, "scale": scale,
-            "l2_float": torch.where(ok_float, _l2(x_adv, x), nan),
-            "l2_uint8": torch.where(ok_uint8, _l2(x_round, x), nan),
-            "l2_scaled": torch.where(ok_scaled, _l2(x_scaled, x), nan),
-        }
         for k in keys:
             parts[k].append(batch[k].cpu())
 

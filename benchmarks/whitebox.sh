@@ -18,3 +18,7 @@ done
 # 3. minimal against Foolbox DDN (all errors) and FMN (first 300), speed measured in the same run.
 time .venv/bin/python benchmarks/whitebox_minimal.py --model $MODEL --data $DATA --attacks ddn --out "$OUT/foolbox-ddn.json"
 time .venv/bin/python benchmarks/whitebox_minimal.py --model $MODEL --data $DATA --attacks fmn,fmn-fixed --limit 300 --out "$OUT/foolbox-fmn.json"
+# 4. the adv-lib anchors at AttackBench's settings (1,000 steps), with Foolbox DDN-100 and minimal, first 200 errors
+.venv/bin/pip install -q --no-deps adv-lib==0.2.8
+time .venv/bin/python benchmarks/whitebox_minimal.py --model $MODEL --data $DATA --limit 200 --attacks ddn \
+  --advlib alma,apgd-min,fmn,ddn,ddn-q --out "$OUT/advlib-200.json"

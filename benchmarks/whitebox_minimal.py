@@ -1,11 +1,17 @@
 """flipback's `minimal` attack side by side with Foolbox 3's DDN and FMN-L2 (stock and
-fixed), all targeted at the true label with 100 steps, on the same misclassified images.
+fixed), all targeted at the true label with 100 steps, and with adv-lib's ALMA, APGD
+minimum-norm, FMN and DDN at AttackBench's settings (1,000 steps; `--advlib`), on the same
+misclassified images.
 
     python benchmarks/whitebox_minimal.py --model cifar_resnet20:../shared/models/cifar10_resnet20.th \
-        --data ../shared/data/cifar10-jpeg/test [--limit N] [--out results.json]
+        --data ../shared/data/cifar10-jpeg/test [--limit N] [--attacks ddn] \
+        [--advlib alma,apgd-min,fmn,ddn,ddn-q] [--out results.json]
 
-Needs the bench extra (`pip install -e .[bench]`). Prints a markdown table for
-docs/benchmarks.md. Speed is measured in this one run, attack by attack.
+Needs the bench extra (`pip install -e .[bench]`) and, for `--advlib`, adv-lib
+(`pip install --no-deps adv-lib==0.2.8`, see advlib_baselines.py). Prints a markdown table for
+docs/benchmarks.md, and the issue-13 speed bar: flipback's 8-bit speed against the fastest
+anchor whose 8-bit median is within 2% of the best anchor's. Speed is measured in this one
+run, attack by attack.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--limit", type=int, default=None, help="first N misclassified images")
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--attacks", default="ddn,fmn,fmn-fixed")
+    ap.add_argument("--attacks", default="ddn,fmn,fmn-fixed", help="Foolbox attacks ('' for none)")
+    ap.add_argument("--advlib", default="", help="adv-lib attacks, e.g. alma,apgd-min,fmn,ddn,ddn-q")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -61,29 +68,58 @@ def main() -> None:
                      "success": float(r.success.float().mean()), "median_l2": _med(l2),
                      "mean_queries": float(r.queries.float().mean()), "seconds": secs,
                      "images_per_second": len(x) / secs})
-    for name in args.attacks.split(","):
-        res = run_foolbox(model, x, y, name, steps=args.steps)
-        common = {"mean_queries": float(args.steps), "seconds": res["seconds"],
-                  "images_per_second": res["images_per_second"]}
-        rows.append({"attack": f"foolbox {name} (float)", "pixels": "float",
-                     "success": float(res["success_float"].float().mean()), "median_l2": _med(res["l2_float"]),
-                     **common})
-        rows.append({"attack": f"foolbox {name}, rounded to 8 bits", "pixels": "uint8",
-                     "success": float(res["success_uint8"].float().mean()), "median_l2": _med(res["l2_uint8"]),
-                     **common})
-        rows.append({"attack": f"foolbox {name}, scale-then-round", "pixels": "uint8",
-                     "success": float(res["success_scaled"].float().mean()), "median_l2": _med(res["l2_scaled"]),
-                     **common})
-    ddn = next((r for r in rows if r["attack"] == "foolbox ddn (float)"), None)
+    def anchor_rows(label: str, res: dict, queries: float) -> None:
+        common = {"mean_queries": queries, "seconds": res["seconds"], "images_per_second": res["images_per_second"],
+                  "anchor": label}
+        for kind, pixels, how in (("float", "float", " (float)"), ("uint8", "uint8", ", rounded to 8 bits"),
+                                  ("scaled", "uint8", ", scale-then-round")):
+            rows.append({"attack": label + how, "pixels": pixels, "judged": kind,
+                         "success": float(res[f"success_{kind}"].float().mean()),
+                         "median_l2": _med(res[f"l2_{kind}"]), **common})
+
+    for name in filter(None, args.attacks.split(",")):
+        anchor_rows(f"foolbox {name}-{args.steps}", run_foolbox(model, x, y, name, steps=args.steps), float(args.steps))
+    if args.advlib:
+        from advlib_baselines import GRADIENTS, run_advlib
+        for name in args.advlib.split(","):
+            anchor_rows(f"adv-lib {name}", run_advlib(model, x, y, name), float(GRADIENTS[name]))
+
+    ddn = next((r for r in rows if r["attack"].startswith("foolbox ddn") and r["pixels"] == "float"), None)
     print(f"{len(x)} misclassified images, {torch.get_num_threads()} threads\n")
-    print("| attack | pixels | success | median L2 | queries/image | img/s | speed vs DDN |")
+    print("| attack | pixels | success | median L2 | queries/image | img/s | speed vs Foolbox DDN |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = r["images_per_second"] / ddn["images_per_second"] if ddn else float("nan")
         print(f"| {r['attack']} | {r['pixels']} | {r['success']:.2%} | {r['median_l2']:.4f} | "
-              f"{r['mean_queries']:.1f} | {r['images_per_second']:.1f} | {ratio:.1f}x |")
+              f"{r['mean_queries']:.1f} | {r['images_per_second']:.2f} | {ratio:.1f}x |")
+    bar = speed_bar(rows)
+    if bar:
+        print(f"\nAnchors on 8-bit images (best of rounded / scale-then-round, 100% success): best median "
+              f"{bar['best_median']:.4f}; within 2% of it: {', '.join(bar['within_2pct'])}; fastest of those: "
+              f"{bar['fastest']} at {bar['fastest_ips']:.2f} img/s. flipback minimal (uint8): median "
+              f"{bar['flipback_median']:.4f} at {bar['speed_ratio']:.1f}x that speed.")
     if args.out:
-        args.out.write_text(json.dumps({"n_images": len(x), "rows": rows}, indent=2))
+        args.out.write_text(json.dumps({"n_images": len(x), "rows": rows, "speed_bar": bar}, indent=2))
+
+
+def speed_bar(rows: list[dict]) -> dict | None:
+    """Issue 13's bar: flipback's 8-bit speed against the fastest anchor that comes within 2% of
+    the best 8-bit median. An anchor counts on 8-bit images only where it corrects every image
+    (rounded or scale-then-round, whichever of the two has the smaller median)."""
+    own = next((r for r in rows if r["attack"] == "flipback minimal (uint8)"), None)
+    best: dict[str, dict] = {}
+    for r in rows:
+        if "anchor" in r and r["pixels"] == "uint8" and r["success"] == 1.0:
+            if r["anchor"] not in best or r["median_l2"] < best[r["anchor"]]["median_l2"]:
+                best[r["anchor"]] = r
+    if own is None or not best:
+        return None
+    top = min(r["median_l2"] for r in best.values())
+    close = [r for r in best.values() if r["median_l2"] <= 1.02 * top]
+    fastest = max(close, key=lambda r: r["images_per_second"])
+    return {"best_median": top, "within_2pct": [r["attack"] for r in close], "fastest": fastest["attack"],
+            "fastest_ips": fastest["images_per_second"], "flipback_median": own["median_l2"],
+            "speed_ratio": own["images_per_second"] / fastest["images_per_second"]}
 
 
 if __name__ == "__main__":
