@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--split", default="train")
     ap.add_argument("--limit", type=int, default=400)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--rows", default="", help="only the settings whose name contains one of these (comma-separated)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     ds = load_dataset(DATA, split=args.split)
@@ -50,6 +51,15 @@ def main() -> None:
                 "unit steps (grid=steps), prune 0": dict(grid="steps", prune_steps=0),
                 "unit steps (grid=steps) + prune 2": dict(grid="steps", prune_steps=2),
                 "both (grid=both) + prune 2": dict(grid="both", prune_steps=2)}
+    # DDN's quantized steps from the 8-bit correction (descent_steps), then prune 2: the sweep
+    # that chose the default, on this split only.
+    for k in (10, 20):
+        for gamma in (0.02, 0.05, 0.1, 0.2):
+            for alpha in (0.3, 1.0, 3.0, 10.0, 30.0):
+                settings[f"descent {k}, gamma {gamma}, alpha {alpha} + prune 2"] = dict(
+                    descent_steps=k, descent_gamma=gamma, descent_alpha=alpha, prune_steps=2)
+    if args.rows:
+        settings = {k: v for k, v in settings.items() if any(r in k for r in args.rows.split(","))}
     rows = []
     print(f"{len(idx)} errors of the {args.split} split")
     print("| setting | success | mean queries | median L2 | median L0 (values changed) | seconds |")

@@ -280,6 +280,24 @@ def test_minimal_unit_step_grid_is_verified_and_near_the_hyperplane(grid_mode):
     assert (r.queries <= scaled.queries.max()).all()
 
 
+def test_minimal_grid_descent_keeps_verified_8bit_changes_no_larger():
+    """descent_steps: DDN's quantized steps from the 8-bit correction. Every kept point is a
+    verified 8-bit correction (never below the hyperplane's distance), the phase spends
+    exactly its steps (one query each), and on a linear model the change is no larger than
+    scale-then-round's."""
+    model, x, labels, dist, _ = linear_problem()
+    target = WhiteBoxTarget(model, 2)
+    plain = MinimalAttack(prune_steps=0, descent_steps=0).run(target, target, x, labels)
+    r = MinimalAttack(prune_steps=0, descent_steps=6).run(target, target, x, labels)
+    assert r.success.all() and on_grid(r.corrected)
+    assert torch.equal(model(r.corrected).argmax(1), labels)
+    d, d_plain = l2(r.corrected, x), l2(plain.corrected, x)
+    assert (d >= dist * (1 - 1e-4)).all()
+    assert (d <= d_plain + 1e-6).all() and (d < d_plain - 1e-6).any()
+    assert torch.equal(r.queries, plain.queries + 6)
+    assert (r.queries <= MinimalAttack().budget_for(guide_free=False)).all()
+
+
 def test_fast_on_linear_model_corrects_in_one_query():
     # The linearization is exact and the step overshoots 3x: one query per image.
     model, x, labels, dist, _ = linear_problem()
@@ -358,13 +376,14 @@ def test_query_total_matches_target_counter(name):
 
 def test_minimal_query_count_is_known_on_linear_model():
     # Without early stopping, every image succeeds by phase 2, so each spends exactly steps +
-    # grid_steps queries, plus one gradient and prune_steps checks in phase 3.
+    # grid_steps queries, descent_steps in phase 2b, plus one gradient and prune_steps checks
+    # in phase 3.
     model, x, labels, _, _ = linear_problem()
     target = WhiteBoxTarget(model, 2)
     attack = MinimalAttack(patience=MinimalAttack().steps + 1)
     r = attack.run(target, target, x, labels)
     assert r.success.all()
-    expected = attack.steps + attack.grid_steps + 1 + attack.prune_steps
+    expected = attack.steps + attack.grid_steps + attack.descent_steps + 1 + attack.prune_steps
     assert (r.queries == expected).all()
     assert target.queries == len(x) * expected
     # With early stopping (the default), images leave phase 1 once their best norm stalls.

@@ -43,6 +43,8 @@ Black-box, the guide is a surrogate, and two strategies are offered (`black_box`
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..targets.guide import margin
@@ -65,6 +67,7 @@ class MinimalAttack(CorrectiveAttack):
                  alpha_max: float = 0.1, overshoot: float = 1.05, backtrack: float = 0.9,
                  max_queries: int | None = None, black_box: str = "shrink", line_steps: int = 4,
                  rotate: float = 0.5, probes: int = 2, confidence: float = 4.0, grid: str = "scale",
+                 descent_steps: int = 10, descent_gamma: float = 0.1, descent_alpha: float = 3.0,
                  pixels: str = "uint8"):
         super().__init__(pixels=pixels)
         if black_box not in BLACK_BOX:
@@ -72,6 +75,7 @@ class MinimalAttack(CorrectiveAttack):
         if grid not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
         self.grid = grid
+        self.descent_steps, self.descent_gamma, self.descent_alpha = descent_steps, descent_gamma, descent_alpha
         self.black_box, self.line_steps, self.rotate, self.confidence = black_box, line_steps, rotate, confidence
         self.probes = probes  # scores: probes per round of the target's gradient estimate (0: as with labels)
         self.steps = steps
@@ -177,6 +181,9 @@ class MinimalAttack(CorrectiveAttack):
             lo = torch.where(ok | ~verdict.asked, lo, torch.maximum(lo, scale))
             scale = torch.where(torch.isfinite(hi), torch.sqrt(lo * hi), scale * 2)
 
+        if self.descent_steps and call.guide_is_oracle and bool(call.success.any()):
+            self._grid_descent(call, pixels255, shape)
+
         # Phase 3: prune the 8-bit change. The gradient at the corrected point says which
         # unit steps buy least margin per unit of norm; drop those while the linearized
         # margin stays above a fraction of the current one.
@@ -231,6 +238,37 @@ class MinimalAttack(CorrectiveAttack):
             hi[live] = torch.where(ok, torch.minimum(hi[live], c), hi[live])
             lo[live] = torch.where(verdict.asked & ~ok, torch.maximum(lo[live], c), lo[live])
             count = torch.where(torch.isfinite(hi), ((lo + hi) / 2).ceil(), (count * 2).clamp(max=n_total))
+
+    def _grid_descent(self, call: AttackCall, pixels255, shape) -> None:
+        """Phase 2b (`descent_steps`, white-box): DDN's quantized steps (Rony et al. 2019), started
+        at the verified 8-bit correction instead of at the original. Each step is one query at
+        the current 8-bit point, which verifies it and gives the margin's gradient there; the
+        radius shrinks by `descent_gamma` after a success and grows after a failure; the change
+        turns toward the gradient (by `descent_alpha` times the radius, annealed), is scaled to
+        the radius and rounded to whole levels. The smallest verified point is kept."""
+        idx = call.success.nonzero().squeeze(1)
+        p = pixels255[idx]
+        d = torch.round(call.corrected[idx].flatten(1) * 255) - p
+        best_norm = d.norm(dim=1)
+        radius = best_norm * (1 - self.descent_gamma)
+        k_max = self.descent_steps
+        for k in range(k_max):
+            d = d * (radius / d.norm(dim=1).clamp_min(1e-12))[:, None]
+            d = torch.maximum(torch.minimum(torch.round(d), 255 - p), -p)
+            x = ((p + d) / 255).view(shape)
+            verdict, out, grad = call.steer(idx, x, margin)
+            if not bool(verdict.asked.any()):
+                break
+            ok = verdict.ok
+            norm = d.norm(dim=1)
+            better = ok & (norm < best_norm)
+            call.record(idx, x, verdict, where=better)
+            best_norm = torch.where(better, norm, best_norm)
+            radius = torch.where(ok, norm * (1 - self.descent_gamma), radius * (1 + self.descent_gamma))
+            g = grad.flatten(1)
+            g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            alpha = self.descent_alpha * (0.1 + 0.45 * (1 + math.cos(math.pi * k / k_max)))
+            d = d + (alpha * radius)[:, None] * g
 
     def _transfer_and_shrink(self, call: AttackCall) -> AttackResult:
         """Black-box: a transfer correction at about one query, then every query left on
