@@ -65,11 +65,18 @@ class _Absent(types.ModuleType):
 
 
 def import_adv_lib():
-    """adv_lib.attacks, with placeholders for the visdom and torchvision it imports but we never use."""
-    for name in ("visdom", "torchvision"):
-        if name not in sys.modules and importlib.util.find_spec(name) is None:
-            sys.modules[name] = _Absent(name)
-    import adv_lib.attacks
+    """adv_lib.attacks, with placeholders for the visdom and torchvision it imports but we never use.
+    The placeholders are in sys.modules only while adv-lib is imported: left there, they would
+    tell other libraries in the process (transformers, timm) that torchvision is installed."""
+    placed = [name for name in ("visdom", "torchvision")
+              if name not in sys.modules and importlib.util.find_spec(name) is None]
+    for name in placed:
+        sys.modules[name] = _Absent(name)
+    try:
+        import adv_lib.attacks
+    finally:
+        for name in placed:
+            sys.modules.pop(name, None)
     return adv_lib.attacks
 
 

@@ -72,3 +72,15 @@ def test_each_anchor_reaches_the_closed_form_minimum(linear, attack):
 
 def test_default_budgets_are_attackbench_s():
     assert GRADIENTS == {"alma": 1000, "fmn": 1000, "ddn": 1000, "ddn-q": 1000, "apgd-min": 2000}
+
+
+def test_the_placeholders_do_not_outlive_the_import():
+    """Other libraries in the same process must still see that torchvision is absent."""
+    import importlib.util
+
+    from advlib_baselines import import_adv_lib
+
+    missing = {name for name in ("visdom", "torchvision") if importlib.util.find_spec(name) is None}
+    import_adv_lib()
+    for name in missing:
+        assert name not in sys.modules and importlib.util.find_spec(name) is None
