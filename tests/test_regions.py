@@ -259,6 +259,50 @@ def test_a_budget_too_small_to_measure_every_region_grows_regions_within_it():
     assert (r.regions[:, 4:8, 8:12] == 1).all()
 
 
+@pytest.mark.parametrize("mode", ["white-box", "scores", "label"])
+def test_images_a_removal_cannot_correct_get_a_free_change_and_say_so(mode):
+    # margin = 8 - (sum of cell (1, 2)). Image 0 has a bright patch there: blurring it away
+    # corrects it. Image 1 is flat grey (margin -0.03): its blur is itself, so no removal can
+    # change anything, but lowering the cell by eps can.
+    x = torch.full((2, 1, H, W), 128 / 255)
+    x[0] = 0.0
+    x[0, :, 4:8, 8:12] = 1.0
+    y = torch.ones(2, dtype=torch.long)
+    model = Patches({(1, 2): -1.0}, bias=-8.0)
+    if mode == "white-box":
+        oracle = guide = WhiteBoxTarget(model, 2)
+    else:
+        oracle, guide = from_module(model, 2, output=mode), ModelGuide(model, 2)
+    r = RegionsAttack(segmentation="grid", n_segments=16).run(oracle, guide, x, y, torch.arange(2))
+    assert r.success.all() and r.change == ["remove", "free"]
+    assert (r.regions[:, 4:8, 8:12] == 1).all() and int(r.regions.max()) == 1
+    assert (model(r.corrected).argmax(1) == 1).all()
+    assert torch.equal(r.corrected, torch.round(r.corrected * 255) / 255)
+    budget = RegionsAttack().budget_for(guide_free=guide is not oracle, shape=(H, W))
+    assert (r.queries <= budget).all() and oracle.queries == int(r.queries.sum())
+    # The trace carries on across the fallback: its last entry is the kept correction.
+    last = r.trace[1][-1]
+    assert last[0] <= int(r.queries[1]) and last[1] == pytest.approx(float((r.corrected[1] - x[1]).norm()), abs=1e-5)
+    # Without the fallback the grey image stays wrong, and says no change corrected it.
+    oracle2 = oracle if mode == "white-box" else from_module(model, 2, output=mode)
+    r = RegionsAttack(segmentation="grid", n_segments=16, fallback=None).run(
+        oracle2, oracle2 if mode == "white-box" else guide, x, y, torch.arange(2))
+    assert r.success.tolist() == [True, False] and r.change == ["remove", None]
+
+
+def test_the_change_reaches_the_records_and_the_summary(tmp_path):
+    from flipback.runs.explain_run import _concat
+
+    x = torch.full((2, 1, H, W), 128 / 255)
+    x[0] = 0.0
+    x[0, :, 4:8, 8:12] = 1.0
+    y = torch.ones(2, dtype=torch.long)
+    target = WhiteBoxTarget(Patches({(1, 2): -1.0}, bias=-8.0), 2)
+    parts = [RegionsAttack(segmentation="grid", n_segments=16).run(target, target, x[i:i + 1], y[i:i + 1])
+             for i in range(2)]
+    assert _concat(parts).change == ["remove", "free"]
+
+
 def test_per_image_fallback_keeps_the_region_maps():
     """When a batch fails and is redone image by image, the regions survive; a failed image
     gets empty maps."""

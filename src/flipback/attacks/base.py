@@ -50,6 +50,9 @@ class AttackResult:
     # change kept then, or None while it is not a verified correction], ...], one entry per
     # query count at which it changed. It gives the frontier (success and L2 against queries).
     trace: list | None = None
+    # Region-level methods, per image: the kind of change that corrected it ("remove": toward a
+    # local blur; "free": any change within +-eps), None where it was not corrected.
+    change: list | None = None
 
     def __len__(self) -> int:
         return len(self.success)

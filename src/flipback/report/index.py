@@ -241,6 +241,8 @@ def _compact(pos: int, rec: dict, classes: _Classes, tiles: dict[int, tuple[str,
         "img": safe_relative_src(rec.get("corrected_image")),
         "err": None if err in (None, "") else str(err),
     }
+    if rec.get("change") in ("remove", "free"):  # region methods: which change corrected it
+        out["ch"] = rec["change"]
     if tile and list(tile[1]) != shape:  # another size than the run's first image
         out["geo"] = tile_geometry(*tile[1])
     return out

@@ -110,7 +110,8 @@ def _records(ds: Dataset, idx: np.ndarray, result: AttackResult, before: torch.T
             scores_before=prob_before[j],
             scores_after=prob_after[j],
             figure=figure_paths[j], corrected_image=image_paths[j],
-            trace=result.trace[j] if result.trace is not None else None))
+            trace=result.trace[j] if result.trace is not None else None,
+            change=result.change[j] if result.change is not None else None))
     return out
 
 
@@ -210,7 +211,7 @@ def _to_cpu(r: AttackResult) -> AttackResult:
     """Results leave the device once, for the store and the figures."""
     return AttackResult(*(None if t is None else t.cpu() for t in
                           (r.corrected, r.success, r.queries, r.logits, r.labels, r.regions, r.importance, r.order)),
-                        trace=r.trace)
+                        trace=r.trace, change=r.change)
 
 
 def _concat(results: list[AttackResult]) -> AttackResult:
@@ -223,6 +224,8 @@ def _concat(results: list[AttackResult]) -> AttackResult:
             extras[f] = torch.cat([p if p is not None else torch.zeros((1, *like.shape[1:]), dtype=like.dtype)
                                    for p in parts])
     trace = [t for r in results for t in (r.trace if r.trace is not None else [[]] * len(r))]
+    if any(r.change is not None for r in results):
+        extras["change"] = [c for r in results for c in (r.change if r.change is not None else [None] * len(r))]
     return AttackResult(*(torch.cat([getattr(r, f) for r in results]) for f in
                           ("corrected", "success", "queries", "logits", "labels")), trace=trace, **extras)
 
@@ -276,6 +279,8 @@ def summarize(cfg: ExplainConfig, ds: Dataset, preds: Predictions, records: list
         "median_l0": stat(np.median, "l0", ok), "mean_frac_changed": stat(np.mean, "frac_changed", ok),
         "median_regions": stat(np.median, "n_regions", ok),
         "median_region_fraction": stat(np.median, "region_fraction", ok),
+        # Region methods: how many corrections are removals, how many the free fallback's.
+        "corrected_by_change": dict(Counter(r.change for r in ok if r.change is not None)),
         "n_failed_with_error": sum(1 for r in records if r.error),
         "n_to_retry": sum(1 for r in records if r.retry),
         "seconds": seconds, "images_per_second": len(records) / seconds if seconds > 0 else None,

@@ -39,6 +39,9 @@ class ImageRecord:
     # [[queries, L2 or None], ...]: the answer kept after each query count at which it changed
     # (None: not yet a verified correction); the run's frontier. None in runs made before it.
     trace: list | None = None
+    # Region-level methods: the kind of change that corrected the image ("remove", toward a
+    # local blur; "free", within +-eps: the fallback where a removal could not correct).
+    change: str | None = None
     schema: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:

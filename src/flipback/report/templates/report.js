@@ -3,6 +3,9 @@
  * the page with textContent or as an attribute set through the DOM, never as HTML. */
 (function () {
   'use strict';
+  // What a region method's change did inside the regions (the record's "change").
+  var CHANGES = {remove: 'removed: moved toward a local blur of the image',
+                 free: 'changed freely within the regions (within +-eps)'};
   var T0 = performance.now();
   var timings = { parseMs: 0, firstRenderMs: 0, lastRenderMs: 0, renders: 0 };
   window.flipbackTimings = timings;
@@ -272,6 +275,7 @@
     row(fb, 'Linf of the change', r.li === null ? '–' : fixed(r.li, 4) + ' (' + levels(r.li) + ')');
     row(fb, 'values changed (L0)', r.l0 === null ? '–' : String(r.l0));
     row(fb, 'pixels changed by > 1/255', pct(r.fc, 1));
+    if (r.ch) { row(fb, 'change in the regions', CHANGES[r.ch] || r.ch); }
     if (r.err) { row(fb, 'error', r.err, 'err'); }
     ft.appendChild(fb);
     facts.appendChild(ft);
