@@ -397,6 +397,14 @@ def surrogate_cmd(
                                                   "e.g. 8G (default: 80% of the memory free when training starts; on "
                                                   "CUDA, of the GPU's). A member that cannot fit one image stops "
                                                   "with an error."),
+    self_train: int = typer.Option(0, "--self-train", min=0,
+                                   help="Then refit on the answers plus this many images of --data never sent to the "
+                                        "target, labelled by the first surrogate (self-training: no queries; twice "
+                                        "the training time or more). Not with --init."),
+    active: float = typer.Option(0.0, "--active", min=0.0, max=0.99,
+                                 help="Share of the budget chosen actively: the rest is spent on random images "
+                                      "first, and a surrogate fitted to those answers picks these, the images it is "
+                                      "least sure about (one more training). Not with --init."),
 ):
     """Train a surrogate of a black-box target from its answers alone."""
     from .runs.surrogate_run import run_surrogate
@@ -404,8 +412,9 @@ def surrogate_cmd(
     def go():
         meta = run_surrogate(target=target, data=data, budget=budget, out=out_file, split=split,
                              output=output.value, epochs=epochs, members=members, seed=seed, mean=_floats(mean),
-                             batch_size=batch_size, max_memory=max_memory,
-                             std=_floats(std), allow_test_data=allow_test_data, device=device, show_progress=not _state["quiet"],
+                             batch_size=batch_size, max_memory=max_memory, self_train=self_train,
+                             active=active, std=_floats(std), allow_test_data=allow_test_data, device=device,
+                             show_progress=not _state["quiet"],
                              log=_log, init=init, classes=str(classes) if classes else None)
         if _state["json"]:
             print(json.dumps(meta))

@@ -17,7 +17,8 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
                   epochs: int = 30, members=None, seed: int = 0, flip: bool = True, mean=None, std=None,
                   allow_test_data: bool = False, device: str = "auto", show_progress: bool = True, log=print,
                   init: str | None = None, classes: str | None = None,
-                  batch_size: int = 128, max_memory: str | int | None = None) -> dict:
+                  batch_size: int = 128, max_memory: str | int | None = None, self_train: int = 0,
+                  active: float = 0.0) -> dict:
     """Train a surrogate of `target` on `data` and save it to `out`; returns its metadata.
 
     The data is decoded as explain decodes it (dataset_for_model): with the target's eval
@@ -26,7 +27,9 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
     step, lowered where `max_memory` (a cap such as "8G"; None: 80% of what is free) holds
     fewer (the file records what each member trained with). `members` None: the default members, or
     with `init` (a pretrained model's SPEC, at no query cost) that model alone; see
-    targets/surrogate.py.
+    targets/surrogate.py. `self_train` N: then refit on the answers plus N unqueried images
+    labelled by the first surrogate (no queries; see train_surrogate). `active` a: the last
+    share a of the budget goes to the images a first surrogate is least sure about.
 
     Test (or validation) data is refused unless `allow_test_data`: a surrogate trained on the
     images it will later explain has seen the target's answers on them, which flatters the
@@ -50,11 +53,12 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
                        input_shape=(c, h, w)) as bb:
         n = min(budget, len(ds))
         with progress_bar("querying the target", total=n, enabled=show_progress) as q_adv, \
-                progress_bar("training the surrogate", total=epochs * len(members), enabled=show_progress,
+                progress_bar("training the surrogate", total=epochs * len(members) * (2 if self_train else 1),
+                             enabled=show_progress,
                              unit="epoch") as t_adv:
             surrogate = train_surrogate(bb, ds, budget, members=members, epochs=epochs, seed=seed, flip=flip,
-                                        batch_size=batch_size, max_memory=max_memory,
-                                        target_spec=target, device=dev, init=init,
+                                        batch_size=batch_size, max_memory=max_memory, self_train=self_train,
+                                        active=active, target_spec=target, device=dev, init=init,
                                         progress=lambda stage, k: (q_adv if stage == "query" else t_adv)(k))
         surrogate.meta["queries"] = int(bb.queries)  # the accounting layer's exact count
     lowered = [b for b in surrogate.meta["member_batch_size"] if b < batch_size]

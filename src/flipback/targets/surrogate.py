@@ -477,7 +477,8 @@ def agreement(model: torch.nn.Module, x, labels: torch.Tensor, *, device: torch.
 def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: int = 30,
                     holdout: float = 0.1, batch_size: int = 128, lr: float = 0.05, flip: bool = True,
                     seed: int = 0, target_spec: str = "", progress=None, device: torch.device | str = "cpu",
-                    init: str | None = None, max_memory: str | int | None = None) -> Surrogate:
+                    init: str | None = None, max_memory: str | int | None = None, self_train: int = 0,
+                    active: float = 0.0) -> Surrogate:
     """Query the target on `budget` images of `ds` and fit a surrogate to its answers: each
     member in turn (member i with seed `seed + i`), on the same answers. `members` None: the
     default ones, or with `init` (a pretrained model's SPEC, see build_init) that model alone.
@@ -485,13 +486,33 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
     `progress(stage, advance)` is called as work proceeds, if given (one "train" step per
     member and epoch). `max_memory`: the cap training batches are sized under (runs/memory.py;
     None: 80% of what is free); a member whose `batch_size` images do not fit trains on fewer
-    (recorded as "member_batch_size"), one that cannot fit one image stops with MemoryLimitError."""
+    (recorded as "member_batch_size"), one that cannot fit one image stops with MemoryLimitError.
+
+    `self_train` N > 0: self-training at no query cost. The surrogate fitted on the answers
+    labels N images of `ds` it never asked about (its probabilities, or its top-1 for a
+    label-only target), and fresh members (the same seeds) are fitted on the answers and those
+    labels together; the held-out answers stay out of both. Recorded as "self_train", with the
+    first surrogate's held-out agreement as "teacher_agreement".
+
+    `active` a > 0: active choice of what to ask. The first (1 - a) of the budget goes to random
+    images, as without it; members fitted to those answers pick the rest, the images they are
+    least sure about (`_least_sure`); then the surrogate is fitted on all answers as usual.
+    Recorded as "active" (images so chosen). Its held-out tenth is drawn from all answers, the
+    chosen hard ones included, so its agreement reads lower than on random images: measure
+    on other images to compare."""
     from ..runs.memory import training_batch  # the planner explain sizes its batches with
 
     members = parse_members(members, init)
     if epochs < 1 and any(name != INIT_MEMBER for name in members):
         raise FlipbackError(f"surrogate members trained from scratch need at least one epoch, got {epochs}",
                             hint="0 epochs only suit --init members alone (probe, no fine-tuning)")
+    if (self_train or active) and init:
+        raise FlipbackError("--self-train and --active fit members from scratch; they do not combine with --init",
+                            hint="drop --init, or drop --self-train and --active")
+    if self_train < 0:
+        raise FlipbackError(f"--self-train takes a number of images, got {self_train}")
+    if not 0 <= active < 1:
+        raise FlipbackError(f"--active is the share of the budget chosen by the surrogate, in [0, 1), got {active}")
     h, w, c = ds.shape
     init = absolute_spec(init) if init else None
     # The pretrained model loads (and is checked on the data's size) before any query.
@@ -516,11 +537,25 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
                for m, name in zip(to_fit, members)]
     rng = np.random.default_rng(seed)
     n = min(budget, len(ds))
-    chosen = np.sort(rng.permutation(len(ds))[:n])
-    probs, labels = query_answers(target, ds, chosen, progress=(lambda k: progress("query", k)) if progress else None)
+    ask = (lambda k: progress("query", k)) if progress else None
+    n_first = n - int(round(n * active)) if active else n
+    chosen = np.sort(rng.permutation(len(ds))[:n_first])
+    probs, labels = query_answers(target, ds, chosen, progress=ask)
     if labels.min() < 0 or labels.max() >= ds.num_classes:
         raise ModelError(f"the target answered labels outside 0..{ds.num_classes - 1}")
     soft = probs is not None
+    extra = {}
+    if n_first < n:
+        scout = _fit_scratch(members, ds, QueriedImages(ds.images, chosen), np.arange(n_first),
+                             probs if soft else labels, soft, epochs=epochs, lr=lr, batches=batches,
+                             flip=flip and c == 3, seed=seed, progress=None, device=device, pool=pool)
+        picked = _least_sure(scout, ds, chosen, n - n_first)
+        p2, l2 = query_answers(target, ds, picked, progress=ask)
+        order = np.argsort(np.concatenate([chosen, picked]), kind="stable")  # sorted reads, as before
+        chosen = np.concatenate([chosen, picked])[order]
+        labels = torch.cat([labels, l2])[torch.from_numpy(order)]
+        probs = torch.cat([probs, p2])[torch.from_numpy(order)] if soft else None
+        extra["active"] = int(len(picked))
     n_hold = max(1, int(round(n * holdout)))
     # `chosen` is sorted (cheap reads from the data cache), so the held-out part must be drawn
     # at random: a tail slice of an image folder would be one class.
@@ -537,13 +572,20 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
                                  record=chosen_epochs if name == INIT_MEMBER else None))
     model = built[0] if len(built) == 1 else SurrogateEnsemble(built).eval()
     held_x, held_labels = QueriedImages(ds.images, chosen[hold_idx]), labels[hold_idx]
+    if self_train > 0:
+        extra["teacher_agreement"] = agreement(model, held_x, held_labels)
+        built, n_pseudo = _self_train(model, ds, chosen, train_idx, probs if soft else labels, soft, self_train,
+                                      members=members, epochs=epochs, lr=lr, batches=batches, flip=flip and c == 3,
+                                      seed=seed, progress=progress, device=device, pool=pool)
+        model = built[0] if len(built) == 1 else SurrogateEnsemble(built).eval()
+        extra["self_train"] = n_pseudo
     meta = {"members": list(members), "num_classes": ds.num_classes, "input_shape": [c, h, w],
             "classes": list(ds.classes), "queries": int(n), "held_out": int(n_hold),
             "agreement": agreement(model, held_x, held_labels),
             "member_agreement": [agreement(m, held_x, held_labels) for m in built],
             "output": "scores" if soft else "label", "epochs": epochs, "target": target_spec, "seed": seed,
             "batch_size": batch_size, "member_batch_size": batches,
-            "member_pool": pool}
+            "member_pool": pool, **extra}
     if init:
         meta["init"] = init  # rebuilt from this SPEC (its files must be there) when the surrogate loads
         meta["init_head"] = isinstance(pretrained, Headed)
@@ -553,6 +595,56 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
         meta["init_val_agreement"] = chosen_epochs.get("val_agreement")
         meta["init_kept_epoch"] = chosen_epochs.get("kept_epoch")
     return Surrogate(model, meta)
+
+
+def _fit_scratch(members, ds: Dataset, x_all, fit_idx: np.ndarray, targets: torch.Tensor, soft: bool, *,
+                 epochs, lr, batches, flip, seed, progress, device, pool) -> list[nn.Module]:
+    """Fresh members (member i from seed + i, as train_surrogate's) fitted on `x_all[fit_idx]`."""
+    built = []
+    for i, name in enumerate(members):
+        torch.manual_seed(seed + i)
+        member = build_member(name, ds.num_classes, ds.shape[2], pool=pool)
+        built.append(_fit_member(member, x_all, fit_idx, targets, soft, epochs=epochs, lr=lr,
+                                 batch_size=batches[i], flip=flip, seed=seed + i, progress=progress, device=device))
+    return built
+
+
+def _outputs(model: nn.Module, ds: Dataset, rows: np.ndarray) -> torch.Tensor:
+    """`model`'s logits on the images of `ds` at `rows`, a batch at a time."""
+    images, k = QueriedImages(ds.images, rows), rows_per_batch(ds.shape)
+    with torch.no_grad():
+        return torch.cat([model(images[np.arange(i, min(i + k, len(rows)))]).float()
+                          for i in range(0, len(rows), k)])
+
+
+def _least_sure(members: list[nn.Module], ds: Dataset, asked: np.ndarray, n: int) -> np.ndarray:
+    """Active choice: the `n` images of `ds` not yet asked about on which the surrogate fitted
+    to the first answers is least sure (the smallest gap between its two most likely classes,
+    averaged over members), sorted. The target's answers where the surrogate is unsure teach
+    it the most about where the target's boundaries are (uncertainty sampling)."""
+    unasked = np.setdiff1d(np.arange(len(ds)), asked)
+    model = members[0] if len(members) == 1 else SurrogateEnsemble(members).eval()
+    top2 = torch.softmax(_outputs(model, ds, unasked), 1).topk(2, dim=1).values
+    gap = (top2[:, 0] - top2[:, 1]).numpy()
+    return np.sort(unasked[np.argsort(gap, kind="stable")[:n]])
+
+
+def _self_train(teacher: nn.Module, ds: Dataset, chosen: np.ndarray, train_idx: np.ndarray, targets: torch.Tensor,
+                soft: bool, n: int, *, members, epochs, lr, batches, flip, seed, progress, device, pool):
+    """Fresh members fitted on the answers (positions `train_idx` of `chosen`) plus `n`
+    unqueried images of `ds` labelled by `teacher` -> (members, images added). The images
+    are drawn at random (seeded) from those never asked about; none is a query."""
+    unasked = np.setdiff1d(np.arange(len(ds)), chosen)
+    extra = np.sort(np.random.default_rng(seed + 1).permutation(unasked)[:n])
+    if len(extra) == 0:
+        return list(getattr(teacher, "members", [teacher])), 0
+    logits = _outputs(teacher, ds, extra)
+    pseudo = torch.softmax(logits, 1) if soft else logits.argmax(1)
+    x_all = QueriedImages(ds.images, np.concatenate([chosen, extra]))
+    all_targets = torch.cat([targets, pseudo.to(targets.dtype)])
+    fit_idx = np.concatenate([train_idx, len(chosen) + np.arange(len(extra))])
+    return _fit_scratch(members, ds, x_all, fit_idx, all_targets, soft, epochs=epochs, lr=lr, batches=batches,
+                        flip=flip, seed=seed, progress=progress, device=device, pool=pool), len(extra)
 
 
 def save_surrogate(s: Surrogate, path: Path) -> Path:
