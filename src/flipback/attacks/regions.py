@@ -147,7 +147,7 @@ class RegionsAttack(CorrectiveAttack):
         if fallback is not None and fallback not in CHANGES:
             raise ValueError(f"fallback must be one of {CHANGES} or None, got {fallback!r}")
         # The settings as given, for the fallback's own attack (which differs in `change` only).
-        self._settings = dict(change=change, scoring=scoring, eps=eps, blur=blur, segmentation=segmentation,
+        self.options = dict(change=change, scoring=scoring, eps=eps, blur=blur, segmentation=segmentation,
                               region_steps=region_steps, n_segments=n_segments, compactness=compactness,
                               steps_per_region=steps_per_region, max_regions=max_regions, prune_steps=prune_steps,
                               pixel_steps=pixel_steps, shrink_steps=shrink_steps, max_queries=max_queries,
@@ -220,8 +220,8 @@ class RegionsAttack(CorrectiveAttack):
         # (regions join every `steps_per_region` steps, so 64 steps reach 32 regions at most).
         # On 300 validation errors with a weaker surrogate (2,000 answers): 96.7% corrected with
         # the first pass's caps, 98.3% without the region cap, 99.3% with 128 steps too.
-        settings = {**self._settings, "change": self.fallback, "fallback": None, "max_queries": int(left.max()),
-                    "max_steps": 2 * self._settings["max_steps"]}
+        settings = {**self.options, "change": self.fallback, "fallback": None, "max_queries": int(left.max()),
+                    "max_steps": 2 * self.options["max_steps"]}
         if settings["max_regions"] is None:
             settings["max_regions"] = EVERY_REGION
         attack = RegionsAttack(**settings)
