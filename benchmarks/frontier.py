@@ -58,6 +58,14 @@ def errors(split: str, limit: int, surrogate_meta: dict):
     return to_tensor(ds.images[idx]), torch.from_numpy(ds.labels[idx]).long(), ds.num_classes
 
 
+def surrogate_and_errors(path: str, split: str, limit: int):
+    """The surrogate file's guide and the target's first `limit` errors of `split` ->
+    (target answers: "scores" or "label", guide, images, labels, class count)."""
+    surrogate = load_surrogate(path)
+    x, y, k = errors(split, limit, surrogate.meta)
+    return surrogate.meta["output"], ModelGuide(surrogate.module, k), x, y, k
+
+
 def row(family, setting, x, corrected, success, queries, seconds):
     l2 = (corrected - x).flatten(1).norm(dim=1)
     ok = success.bool()
@@ -209,10 +217,7 @@ def main():
     ap.add_argument("--plot", help="write the frontier (success and median L2 against mean queries) to this PNG")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    surrogate = load_surrogate(args.surrogate)
-    output = surrogate.meta["output"]
-    x, y, k = errors(args.split, args.limit, surrogate.meta)
-    guide = ModelGuide(surrogate.module, k)
+    output, guide, x, y, k = surrogate_and_errors(args.surrogate, args.split, args.limit)
     rows = []
     with load_blackbox(SPEC, k, output=output) as target:
         start = Start(target, guide, x, y)

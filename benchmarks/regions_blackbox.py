@@ -20,11 +20,9 @@ import time
 import torch
 
 from flipback.attacks import RegionsAttack
-from flipback.targets import ModelGuide
 from flipback.targets.blackbox import load_blackbox
-from flipback.targets.surrogate import load_surrogate
 
-from frontier import SPEC, errors
+from frontier import SPEC, surrogate_and_errors
 
 
 def run(attack, target, guide, x, y, batch=256):
@@ -61,10 +59,7 @@ def main():
                     help="also the removal-only row")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    surrogate = load_surrogate(args.surrogate)
-    output = surrogate.meta["output"]
-    x, y, k = errors(args.split, args.limit, surrogate.meta)
-    guide = ModelGuide(surrogate.module, k)
+    output, guide, x, y, k = surrogate_and_errors(args.surrogate, args.split, args.limit)
     rows = []
     with load_blackbox(SPEC, k, output=output) as target:
         for name, attack in ((("removal only (no fallback)", RegionsAttack(fallback=None)),) * args.baseline +
