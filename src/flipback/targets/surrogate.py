@@ -549,7 +549,7 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
         scout = _fit_scratch(members, ds, QueriedImages(ds.images, chosen), np.arange(n_first),
                              probs if soft else labels, soft, epochs=epochs, lr=lr, batches=batches,
                              flip=flip and c == 3, seed=seed, progress=None, device=device, pool=pool)
-        picked = _least_sure(scout, ds, chosen, n - n_first)
+        picked = _least_sure(scout, ds, chosen, n - n_first, device)
         p2, l2 = query_answers(target, ds, picked, progress=ask)
         order = np.argsort(np.concatenate([chosen, picked]), kind="stable")  # sorted reads, as before
         chosen = np.concatenate([chosen, picked])[order]
@@ -609,22 +609,29 @@ def _fit_scratch(members, ds: Dataset, x_all, fit_idx: np.ndarray, targets: torc
     return built
 
 
-def _outputs(model: nn.Module, ds: Dataset, rows: np.ndarray) -> torch.Tensor:
-    """`model`'s logits on the images of `ds` at `rows`, a batch at a time."""
+def _outputs(model: nn.Module, ds: Dataset, rows: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`model`'s logits on the images of `ds` at `rows`, a batch at a time, computed on
+    `device` (the training device: tens of thousands of images) and returned on the CPU.
+    Members come back from fitting on the CPU; they go back there afterwards."""
     images, k = QueriedImages(ds.images, rows), rows_per_batch(ds.shape)
-    with torch.no_grad():
-        return torch.cat([model(images[np.arange(i, min(i + k, len(rows)))]).float()
-                          for i in range(0, len(rows), k)])
+    model.to(device)
+    try:
+        with torch.no_grad():
+            return torch.cat([model(images[np.arange(i, min(i + k, len(rows)))].to(device)).float().cpu()
+                              for i in range(0, len(rows), k)])
+    finally:
+        model.cpu()
 
 
-def _least_sure(members: list[nn.Module], ds: Dataset, asked: np.ndarray, n: int) -> np.ndarray:
+def _least_sure(members: list[nn.Module], ds: Dataset, asked: np.ndarray, n: int,
+                device: torch.device | str = "cpu") -> np.ndarray:
     """Active choice: the `n` images of `ds` not yet asked about on which the surrogate fitted
     to the first answers is least sure (the smallest gap between its two most likely classes,
     averaged over members), sorted. The target's answers where the surrogate is unsure teach
     it the most about where the target's boundaries are (uncertainty sampling)."""
     unasked = np.setdiff1d(np.arange(len(ds)), asked)
     model = members[0] if len(members) == 1 else SurrogateEnsemble(members).eval()
-    top2 = torch.softmax(_outputs(model, ds, unasked), 1).topk(2, dim=1).values
+    top2 = torch.softmax(_outputs(model, ds, unasked, device), 1).topk(2, dim=1).values
     gap = (top2[:, 0] - top2[:, 1]).numpy()
     return np.sort(unasked[np.argsort(gap, kind="stable")[:n]])
 
@@ -638,7 +645,7 @@ def _self_train(teacher: nn.Module, ds: Dataset, chosen: np.ndarray, train_idx: 
     extra = np.sort(np.random.default_rng(seed + 1).permutation(unasked)[:n])
     if len(extra) == 0:
         return list(getattr(teacher, "members", [teacher])), 0
-    logits = _outputs(teacher, ds, extra)
+    logits = _outputs(teacher, ds, extra, device)
     pseudo = torch.softmax(logits, 1) if soft else logits.argmax(1)
     x_all = QueriedImages(ds.images, np.concatenate([chosen, extra]))
     all_targets = torch.cat([targets, pseudo.to(targets.dtype)])
