@@ -30,6 +30,7 @@ import torch
 
 from flipback.attacks import FastAttack, MinimalAttack
 from flipback.data import load_dataset
+from flipback.runs.explain_run import concat_results
 from flipback.runs.errors import to_tensor
 from flipback.targets import ModelGuide, load_model
 from flipback.targets.blackbox import load_blackbox
@@ -75,15 +76,20 @@ def row(family, setting, x, corrected, success, queries, seconds):
             "seconds_per_image": seconds / len(x)}
 
 
-def run_flipback(attack, target, guide, x, y, batch=256):
+def run_batched(attack, target, guide, x, y, batch=256):
+    """`attack.run` on every image, `batch` at a time -> (one AttackResult, seconds). Checks
+    that the records' queries add up to what the target counted."""
     t0 = time.perf_counter()
     before = target.queries
-    parts = [attack.run(target, guide, x[s:s + batch], y[s:s + batch], torch.arange(s, min(s + batch, len(x))))
-             for s in range(0, len(x), batch)]
-    corrected = torch.cat([r.corrected for r in parts])
-    success, queries = torch.cat([r.success for r in parts]), torch.cat([r.queries for r in parts])
-    assert int(queries.sum()) == target.queries - before  # the accountant agrees
-    return corrected, success, queries, time.perf_counter() - t0
+    r = concat_results([attack.run(target, guide, x[s:s + batch], y[s:s + batch], torch.arange(s, min(s + batch, len(x))))
+                 for s in range(0, len(x), batch)])
+    assert int(r.queries.sum()) == target.queries - before  # the accountant agrees
+    return r, time.perf_counter() - t0
+
+
+def run_flipback(attack, target, guide, x, y, batch=256):
+    r, seconds = run_batched(attack, target, guide, x, y, batch)
+    return r.corrected, r.success, r.queries, seconds
 
 
 class Start:

@@ -15,31 +15,22 @@ target's training-set errors that the surrogate did not query: the validation da
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from flipback.attacks import RegionsAttack
 from flipback.targets.blackbox import load_blackbox
 
-from frontier import SPEC, surrogate_and_errors
+from frontier import SPEC, run_batched, surrogate_and_errors
 
 
-def run(attack, target, guide, x, y, batch=256):
-    t0 = time.perf_counter()
-    before = target.queries
-    parts = [attack.run(target, guide, x[s:s + batch], y[s:s + batch], torch.arange(s, min(s + batch, len(x))))
-             for s in range(0, len(x), batch)]
-    seconds = time.perf_counter() - t0
-    ok = torch.cat([r.success for r in parts])
-    q = torch.cat([r.queries for r in parts])
-    assert int(q.sum()) == target.queries - before  # the accountant agrees
+def run(attack, target, guide, x, y):
+    r, seconds = run_batched(attack, target, guide, x, y)
+    ok, q, corrected, regions = r.success, r.queries, r.corrected, r.regions
     # The target's own answer on every kept image: a success is a verified 8-bit correction.
-    corrected = torch.cat([r.corrected for r in parts])
     assert torch.equal(corrected, torch.round(corrected * 255) / 255)
     assert bool((target.query(corrected[ok], counted=False).labels == y[ok]).all())
-    regions = torch.cat([r.regions for r in parts])
-    change = [c for r in parts for c in r.change]
+    change = r.change
     l2 = (corrected - x).flatten(1).norm(dim=1)[ok]
     n_regions = regions.flatten(1).amax(1)[ok].float()
     share = (regions > 0).flatten(1).float().mean(1)[ok]

@@ -291,7 +291,7 @@ def test_images_a_removal_cannot_correct_get_a_free_change_and_say_so(mode):
 
 
 def test_the_change_reaches_the_records_and_the_summary(tmp_path):
-    from flipback.runs.explain_run import _concat
+    from flipback.runs.explain_run import concat_results
 
     x = torch.full((2, 1, H, W), 128 / 255)
     x[0] = 0.0
@@ -300,7 +300,7 @@ def test_the_change_reaches_the_records_and_the_summary(tmp_path):
     target = WhiteBoxTarget(Patches({(1, 2): -1.0}, bias=-8.0), 2)
     parts = [RegionsAttack(segmentation="grid", n_segments=16).run(target, target, x[i:i + 1], y[i:i + 1])
              for i in range(2)]
-    assert _concat(parts).change == ["remove", "free"]
+    assert concat_results(parts).change == ["remove", "free"]
 
 
 def test_per_image_fallback_keeps_the_region_maps():

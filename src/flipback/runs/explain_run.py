@@ -204,7 +204,7 @@ def _attack_batch(engine: Engine, x: torch.Tensor, y: torch.Tensor, idx: np.ndar
             results.append(_failed(x[k:k + 1], engine.oracle.num_classes))
             errors.append(f"{type(exc).__name__}: {exc}")
             retry.append(transient)
-    return _concat(results), errors, retry
+    return concat_results(results), errors, retry
 
 
 def _to_cpu(r: AttackResult) -> AttackResult:
@@ -214,7 +214,7 @@ def _to_cpu(r: AttackResult) -> AttackResult:
                         trace=r.trace, change=r.change)
 
 
-def _concat(results: list[AttackResult]) -> AttackResult:
+def concat_results(results: list[AttackResult]) -> AttackResult:
     """One result from per-image ones; a region method's maps are kept, zero for failed images."""
     extras = {}
     for f in ("regions", "importance", "order"):
