@@ -62,7 +62,13 @@ def neg_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 class ModelGuide:
     """Logits and input gradients of a module. Safe to share between threads: it holds no
-    state that a call changes (the parameters are frozen)."""
+    state that a call changes (the parameters are frozen).
+
+    The module is used in place, not copied (a copy of a large model would double its
+    memory): it is moved to `device`, put in eval mode, its parameters stop requiring
+    gradients, and on the CPU with images CHANNELS_LAST_MIN pixels a side or more its 4-D
+    weights are converted to channels-last. Pass `copy.deepcopy(module)` to keep yours as
+    it was."""
 
     free = True
 
