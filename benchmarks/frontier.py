@@ -81,8 +81,8 @@ def run_batched(attack, target, guide, x, y, batch=256):
     that the records' queries add up to what the target counted."""
     t0 = time.perf_counter()
     before = target.queries
-    r = concat_results([attack.run(target, guide, x[s:s + batch], y[s:s + batch], torch.arange(s, min(s + batch, len(x))))
-                 for s in range(0, len(x), batch)])
+    r = concat_results([attack.run(target, guide, x[s:s + batch], y[s:s + batch],
+                                   torch.arange(s, min(s + batch, len(x)))) for s in range(0, len(x), batch)])
     assert int(r.queries.sum()) == target.queries - before  # the accountant agrees
     return r, time.perf_counter() - t0
 

@@ -30,7 +30,6 @@ def run(attack, target, guide, x, y):
     # The target's own answer on every kept image: a success is a verified 8-bit correction.
     assert torch.equal(corrected, torch.round(corrected * 255) / 255)
     assert bool((target.query(corrected[ok], counted=False).labels == y[ok]).all())
-    change = r.change
     l2 = (corrected - x).flatten(1).norm(dim=1)[ok]
     n_regions = regions.flatten(1).amax(1)[ok].float()
     share = (regions > 0).flatten(1).float().mean(1)[ok]
@@ -38,7 +37,7 @@ def run(attack, target, guide, x, y):
     return {"success": float(ok.float().mean()), "queries": float(q.float().mean()),
             "queries_ok": float(q[ok].float().mean()) if ok.any() else float("nan"),
             "l2": med(l2), "regions": med(n_regions), "share": med(share),
-            "free": sum(c == "free" for c in change), "n": len(x), "s_per_image": seconds / len(x)}
+            "free": sum(c == "free" for c in r.change), "n": len(x), "s_per_image": seconds / len(x)}
 
 
 def main():

@@ -463,14 +463,21 @@ def _linear_probe(model: Headed, x_all, train_idx: np.ndarray, targets: torch.Te
     opt.step(closure)
 
 
-def agreement(model: torch.nn.Module, x, labels: torch.Tensor, *, device: torch.device | str = "cpu",
-              layout=torch.contiguous_format) -> float:
-    """The share of images `x` (a tensor, or a QueriedImages; read rows_per_batch at a time) on
-    which `model` (on `device`, taking `layout`)'s top-1 is `labels` (the target's answers)."""
+def batched_logits(model: torch.nn.Module, x, *, device: torch.device | str = "cpu",
+                   layout=torch.contiguous_format) -> torch.Tensor:
+    """`model`'s float logits (on the CPU) for images `x` (a tensor, or a QueriedImages; read
+    rows_per_batch at a time), computed by `model` where it is, on `device`, taking `layout`."""
     k = rows_per_batch(tuple(x[0:1].shape[1:])) if len(x) else 1
     with torch.no_grad():
-        pred = torch.cat([model(x[i:i + k].to(device).contiguous(memory_format=layout)).argmax(1).cpu()
+        return torch.cat([model(x[i:i + k].to(device).contiguous(memory_format=layout)).float().cpu()
                           for i in range(0, len(x), k)])
+
+
+def agreement(model: torch.nn.Module, x, labels: torch.Tensor, *, device: torch.device | str = "cpu",
+              layout=torch.contiguous_format) -> float:
+    """The share of images `x` on which `model`'s top-1 is `labels` (the target's answers);
+    see batched_logits for `x`, `device` and `layout`."""
+    pred = batched_logits(model, x, device=device, layout=layout).argmax(1)
     return float((pred == labels.cpu()).float().mean())
 
 
@@ -613,12 +620,9 @@ def _outputs(model: nn.Module, ds: Dataset, rows: np.ndarray, device: torch.devi
     """`model`'s logits on the images of `ds` at `rows`, a batch at a time, computed on
     `device` (the training device: tens of thousands of images) and returned on the CPU.
     Members come back from fitting on the CPU; they go back there afterwards."""
-    images, k = QueriedImages(ds.images, rows), rows_per_batch(ds.shape)
     model.to(device)
     try:
-        with torch.no_grad():
-            return torch.cat([model(images[np.arange(i, min(i + k, len(rows)))].to(device)).float().cpu()
-                              for i in range(0, len(rows), k)])
+        return batched_logits(model, QueriedImages(ds.images, rows), device=device)
     finally:
         model.cpu()
 
