@@ -367,19 +367,23 @@ def test_one_total_budget_and_one_request_rate_for_all_actors(cluster, small, tm
     out = tmp_path / "run"
     base = [sys.executable, "-m", "flipback", "--quiet", "explain", "--mode", "black-box", "--method", "paper",
             "--budget", "4", "--surrogate", str(small / "sur.th"), "--no-figures", "--model",
-            f"python:{target}:predict", "--data", str(small / "data.npz"), "--out", str(out), "--batch-size", "3",
+            f"python:{target}:predict", "--data", str(small / "data.npz"), "--out", str(out), "--batch-size", "1",
             "--limit", str(LIMIT), "--ray", cluster.address, "--ray-actors", "2"]
-    rate = 15.0
-    stopped = _run(base + ["--total-budget", "40", "--rate-limit", str(rate)])
+    # One image a request, so the budget of 80 buys dozens of requests: the mean rate is then
+    # measured over seconds, where one late wake-up (tens of ms on a busy machine) is noise.
+    # (With batches of 3, nine requests in half a second once read 17.7/s against 15.)
+    rate = 10.0
+    total = 80
+    stopped = _run(base + ["--total-budget", str(total), "--rate-limit", str(rate)])
     assert stopped.returncode != 0 and "budget" in stopped.stderr, stopped.stderr
     con = sqlite3.connect(out / "results.sqlite")
     stored = con.execute("SELECT COALESCE(SUM(json_extract(record, '$.queries')), 0) FROM results").fetchone()[0]
     unfinished = con.execute("SELECT COALESCE(SUM(queries), 0) FROM unfinished").fetchone()[0]
     con.close()
-    assert 0 < stored + unfinished <= 40  # both actors together, within the one budget
+    assert 0 < stored + unfinished <= total  # both actors together, within the one budget
 
     sent = sorted(float(line.split()[0]) for line in log.read_text().split("\n") if line)
-    assert len(sent) >= 8
+    assert len(sent) >= 20, len(sent)
     for t in sent:  # the actors together keep to the rate (one late wake-up aside)
         assert sum(t <= u < t + 1.0 for u in sent) <= rate + 2
     assert (len(sent) - 1) / (sent[-1] - sent[0]) <= rate * 1.05

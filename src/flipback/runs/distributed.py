@@ -268,10 +268,14 @@ class ExplainWorker:
         if self.ds.fingerprint != data_fingerprint:
             raise DataError(f"the data set {cfg.data} differs on node {socket.gethostname()} from the driver's",
                             hint="every node must see the same data at the same path")
-        self.engine = build_engine(cfg, self.ds.num_classes, self.ds.shape)
-        self.mem = self._memory_plan(cfg, ray_opts)
         self.accountant = _ActorClient(accountant) if accountant is not None and not isinstance(
             accountant, QueryAccountant) else accountant
+        if ray_opts.rate_limit is not None and self.accountant is not None:
+            # Loading a local black box may send one uncounted probe (load_blackbox) before the
+            # shared limiter can be installed on the oracle: it takes its send slot here.
+            time.sleep(self.accountant.slot())
+        self.engine = build_engine(cfg, self.ds.num_classes, self.ds.shape)
+        self.mem = self._memory_plan(cfg, ray_opts)
         self.ledger = None
         if ray_opts.total_budget is not None:
             self.ledger = LeasedLedger.attach(self.engine.oracle, self.accountant, ray_opts.lease)
