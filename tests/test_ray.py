@@ -370,8 +370,8 @@ def test_one_total_budget_and_one_request_rate_for_all_actors(cluster, small, tm
             f"python:{target}:predict", "--data", str(small / "data.npz"), "--out", str(out), "--batch-size", "1",
             "--limit", str(LIMIT), "--ray", cluster.address, "--ray-actors", "2"]
     # One image a request, so the budget of 80 buys dozens of requests: the mean rate is then
-    # measured over seconds, where one late wake-up (tens of ms on a busy machine) is noise.
-    # (With batches of 3, nine requests in half a second once read 17.7/s against 15.)
+    # measured over seconds, where one late wake-up is noise. (With batches of 3, nine requests
+    # once read 17.7/s against 15: the two actors' load probes went out unspaced, since mended.)
     rate = 10.0
     total = 80
     stopped = _run(base + ["--total-budget", str(total), "--rate-limit", str(rate)])
