@@ -33,17 +33,23 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--confidences", default="4,8,16")
     ap.add_argument("--limit", type=int, default=30)
+    ap.add_argument("--patience", type=int, default=None,
+                    help="fast's rounds without the surrogate's margin rising before an image is given up")
     args = ap.parse_args()
     out = args.out.resolve()
     val = subset(args.data / "train", out / f"trainval-{args.first}-{args.per_class}", args.per_class, args.first)
     for conf in (float(c) for c in args.confidences.split(",")):
         cfg = ExplainConfig(model=str(out / "lite0_cifar10_mean.pt2"), data=str(val), mode="black-box",
                             method="fast", limit=args.limit, figures=False, device="cpu", trust_model=True,
-                            surrogate=str(args.surrogate.resolve()), options={"confidence": conf})
+                            surrogate=str(args.surrogate.resolve()),
+                            options={"confidence": conf, **({"patience": args.patience} if args.patience else {})})
         t0 = time.perf_counter()
-        s = run_explain(cfg, out / f"val-fast-confidence{conf:g}", show_progress=False, log=lambda m: None)
-        print(json.dumps({"confidence": conf, **{k: s.get(k) for k in ("n_explained", "success_rate", "mean_queries",
-                                                                       "median_l2")},
+        # One folder per validation set and confidence: run_explain resumes a folder it finds.
+        run = out / (f"val-{args.first}-{args.per_class}-fast-confidence{conf:g}"
+                     + (f"-patience{args.patience}" if args.patience else ""))
+        s = run_explain(cfg, run, show_progress=False, log=lambda m: None)
+        figures = {k: s.get(k) for k in ("n_explained", "success_rate", "mean_queries", "median_l2")}
+        print(json.dumps({"confidence": conf, "patience": args.patience, **figures,
                           "seconds": round(time.perf_counter() - t0)}), flush=True)
 
 
