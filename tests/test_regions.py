@@ -402,11 +402,11 @@ def test_the_call_budget_comes_from_the_image_size():
     assert call.budget.tolist() == [default_segments(70, 70) + 148] * 2
 
 
-class Bowl(torch.nn.Module):
+class Hill(torch.nn.Module):
     """Two classes; logit1 - logit0 = -1 - 4 (a - 0.7)^2 + 6 (d - 0.5), where a and d are the
-    means of cells A (1, 2) and D (3, 0). The margin in A is a bowl: a removal there moves
-    past its top and back, and never corrects. D is mid-grey on black: its removal (toward
-    the darker blur) hurts, but a free change that brightens it corrects."""
+    means of cells A (1, 2) and D (3, 0). In A the margin peaks at a = 0.7, still at -1: a
+    removal there steps past the peak and back, and never corrects. D is mid-grey on black:
+    its removal (toward the darker blur) hurts, but a free change that brightens it corrects."""
 
     def forward(self, x):
         a = x[:, 0, 4:8, 8:12].mean((1, 2))
@@ -420,13 +420,13 @@ def test_an_image_stuck_at_the_region_cap_leaves_its_budget_to_the_fallback():
     x[0, 0, 4:8, 8:12] = 1.0
     x[0, 0, 12:16, 0:4] = 0.5
     y = torch.ones(1, dtype=torch.long)
-    target = WhiteBoxTarget(Bowl(), 2)
+    target = WhiteBoxTarget(Hill(), 2)
     # Removal only, one region allowed: it takes A, whose steps swing back and forth. It is
     # given up after a few steps at the cap instead of spending the budget (250) on them.
     r = RegionsAttack(segmentation="grid", n_segments=16, max_regions=1, fallback=None).run(target, target, x, y)
     assert not r.success.any() and int(r.queries[0]) < 40
     # So the free change has the budget to find D.
-    target = WhiteBoxTarget(Bowl(), 2)
+    target = WhiteBoxTarget(Hill(), 2)
     r = RegionsAttack(segmentation="grid", n_segments=16, max_regions=1).run(target, target, x, y)
     assert r.success.all() and r.change == ["free"]
     assert (r.regions[0, 12:16, 0:4] == 1).all() and int(r.regions.max()) == 1

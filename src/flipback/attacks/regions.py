@@ -295,13 +295,14 @@ class RegionsAttack(CorrectiveAttack):
             # for (a white-box guide: each step is a query), an image still wrong after
             # `CAP_PATIENCE` of them is given up, with the rest of its budget left to the
             # fallback change. A free guide's steps cost nothing, so it keeps them.
-            at_cap[a] += full_set.long()
-            keep = at_cap[a] <= CAP_PATIENCE if not call.guide.free else torch.ones_like(full_set)
-            if not bool(keep.all()):
-                a, g, k, full_set = a[keep], g[keep], k[keep], full_set[keep]
-                active = a
-                if len(a) == 0:
-                    break
+            if not call.guide.free:
+                at_cap[a] += full_set.long()
+                keep = at_cap[a] <= CAP_PATIENCE
+                if not bool(keep.all()):
+                    a, g, k, full_set = a[keep], g[keep], k[keep], full_set[keep]
+                    active = a
+                    if len(a) == 0:
+                        break
             need = ((since[a] >= self.steps_per_region) | (k == 0)) & ~full_set
             if bool(need.any()):
                 b = a[need]
