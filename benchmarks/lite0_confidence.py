@@ -2,7 +2,8 @@
 (issue 12's 224-px benchmark, after `lite0_bench.py --part black`).
 
     python benchmarks/lite0_confidence.py --data ../shared/data/cifar10-jpeg --out runs/lite0-bench \\
-        --surrogate runs/lite0-bench/SURROGATE.pt [--first 500] [--per-class 50] [--confidences 4,8,16] [--limit 30]
+        --surrogate runs/lite0-bench/SURROGATE.pt [--first 500] [--per-class 50] [--confidences 4,8,16] [--limit 30] \\
+        [--patience N]
 
 The validation images are train images --first .. --first + --per-class of each class (sorted
 names): past the ones the surrogate learnt from (`--train-per-class`, 500 for the 5,000-answer
