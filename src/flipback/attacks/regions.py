@@ -300,7 +300,6 @@ class RegionsAttack(CorrectiveAttack):
                 keep = at_cap[a] <= CAP_PATIENCE
                 if not bool(keep.all()):
                     a, g, k, full_set = a[keep], g[keep], k[keep], full_set[keep]
-                    active = a
                     if len(a) == 0:
                         break
             need = ((since[a] >= self.steps_per_region) | (k == 0)) & ~full_set
@@ -563,13 +562,19 @@ def explanation_order(changed: torch.Tensor, gain: torch.Tensor, region_effect: 
     ROAD AUCs as high as before or higher."""
     n = len(changed)
     flat = lambda t: t.reshape(n, -1)  # noqa: E731
-    # A lexicographic order by (changed, gain or the sign of its region's effect, potential):
-    # stable sorts from the last key to the first.
-    order = flat(potential).argsort(dim=1, descending=True, stable=True)
     helps = flat(region_effect).sign().to(gain.dtype)
-    second = torch.where(flat(changed), flat(gain), helps).gather(1, order)
-    order = order.gather(1, second.argsort(dim=1, descending=True, stable=True))
-    first = flat(changed).gather(1, order).float()
-    order = order.gather(1, first.argsort(dim=1, descending=True, stable=True))
-    ranks = torch.arange(order.shape[1], 0, -1, dtype=torch.float32, device=order.device).expand_as(order).contiguous()
-    return torch.empty(order.shape, device=order.device).scatter_(1, order, ranks).view_as(gain)
+    second = torch.where(flat(changed), flat(gain), helps)
+    return lexicographic_ranks([flat(changed).to(gain.dtype), second, flat(potential)]).view_as(gain)
+
+
+def lexicographic_ranks(keys: list[torch.Tensor]) -> torch.Tensor:
+    """(N, P) float scores, P for the first entry of each row down to 1 for the last, in the
+    order of `keys` ((N, P) each, the first the most significant, higher first; ties keep
+    their index order): stable sorts from the last key to the first."""
+    n, p = keys[0].shape
+    dev = keys[0].device
+    order = torch.arange(p, device=dev).expand(n, p)
+    for key in reversed(keys):
+        order = order.gather(1, key.gather(1, order).argsort(dim=1, descending=True, stable=True))
+    ranks = torch.arange(p, 0, -1, dtype=torch.float32, device=dev).expand(n, p).contiguous()
+    return torch.empty((n, p), device=dev).scatter_(1, order, ranks)
