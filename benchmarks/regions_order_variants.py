@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import flipback.attacks.regions as regions_module
+from flipback.attacks.regions import explanation_order, lexicographic_ranks  # bound before the recording wrapper
 from flipback.data.planted import Cue, default_size
+from flipback.explain.metrics import topk_precision  # Quantus's relevance rank accuracy, with no ties
 from flipback.runs import faithfulness
 from flipback.targets.loading import load_model
 from flipback.targets.whitebox import WhiteBoxTarget
@@ -39,39 +41,21 @@ def blur(a: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, r, r)), g.view(1, 1, -1, 1))[:, 0]
 
 
-def lexicographic(keys: list[torch.Tensor]) -> torch.Tensor:
-    """(N,P) rank scores (higher first) ordering by `keys`, the first most significant."""
-    n, p = keys[0].shape
-    order = torch.arange(p).expand(n, p).contiguous()
-    for k in reversed(keys):  # stable sorts from the last key to the first
-        order = order.gather(1, k.gather(1, order).argsort(dim=1, descending=True, stable=True))
-    ranks = torch.arange(p, 0, -1, dtype=torch.float32).expand(n, p).contiguous()
-    return torch.empty(n, p).scatter_(1, order, ranks)
-
-
 def variants(changed, gain, effect, potential) -> dict[str, torch.Tensor]:
     n = len(changed)
     flat = lambda t: t.reshape(n, -1).float()  # noqa: E731
     first = flat(changed)
     second = torch.where(first > 0, flat(gain), flat(effect).sign())  # changed by gain; then helping regions
-    out = {"own first-order gain (current)": lexicographic([first, second, flat(potential)])}
+    out = {"own first-order gain (current)": explanation_order(changed, gain, effect, potential)}
     potential_rank = flat(potential).argsort(dim=1).argsort(dim=1).float() / first.shape[1]
     for sigma in (1.0, 2.0):
         close = flat(blur(changed.float() * gain.abs(), sigma))
         close = close / close.amax(1, keepdim=True).clamp_min(1e-12)
-        out[f"closeness, sigma {sigma:g} px"] = lexicographic([first, second, close, flat(potential)])
+        out[f"closeness, sigma {sigma:g} px"] = lexicographic_ranks([first, second, close, flat(potential)])
         for lam in (0.5, 2.0):
-            out[f"gain rank + {lam:g} x closeness, sigma {sigma:g}"] = lexicographic(
+            out[f"gain rank + {lam:g} x closeness, sigma {sigma:g}"] = lexicographic_ranks(
                 [first, second, potential_rank + lam * close])
     return {k: v.view_as(gain) for k, v in out.items()}
-
-
-def rank_accuracy(maps: torch.Tensor, masks: torch.Tensor) -> float:
-    """Quantus's relevance rank accuracy: the share of the mask-sized top of each map in the mask."""
-    n = len(maps)
-    flat, m = maps.reshape(n, -1), masks.reshape(n, -1)
-    return float(np.mean([float(m[i][flat[i].argsort(descending=True, stable=True)[:int(m[i].sum())]].float().mean())
-                          for i in range(n)]))
 
 
 def main() -> None:
@@ -110,7 +94,7 @@ def main() -> None:
         for name, maps in variants(*inputs).items():
             row = rows.setdefault(name, {})
             if masks is not None and masks.dtype == torch.bool:
-                row[kind] = rank_accuracy(maps, masks)
+                row[kind] = float(topk_precision(maps, masks).nanmean())
             if args.road:
                 from flipback.explain.quantus_metrics import ROAD_PERCENTAGES, road, road_auc
 
