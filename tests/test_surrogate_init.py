@@ -198,6 +198,50 @@ def test_cli_init_and_a_bad_init(world, tmp_path):
     assert res.exit_code != 0 and "Traceback" not in res.output and "missing.pt2" in res.output
 
 
+def test_several_inits_share_one_new_head_and_reload(world, tmp_path):
+    """`--init A --init B`: one member, both models' outputs side by side (3 + 5) under a new
+    head fitted by the probe; the file records both SPECs and reloads to the same logits."""
+    from flipback.targets.surrogate import Joined
+
+    target, data = world
+    specs = [_pretrain(tmp_path, 3, steps=40), _pretrain(tmp_path, 5, steps=40)]
+    res = runner.invoke(app, ["--json", "surrogate", "--target", target, "--data", str(data), "--budget", "200",
+                              "--epochs", "0", "--init", specs[0], "--init", specs[1], "--out", str(tmp_path / "s.th")])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(ModelError, match="trust-model"):
+        load_surrogate(tmp_path / "s.th")
+    back = load_surrogate(tmp_path / "s.th", trust_model=True)
+    meta = back.meta
+    assert meta["init"] == specs and meta["members"] == ["init"] and meta["queries"] == 200
+    assert meta["init_head"] is True and meta["init_kept_epoch"] == 0  # the probe alone
+    assert isinstance(back.module, Headed) and isinstance(back.module.body, Joined)
+    assert (back.module.head.in_features, back.module.head.out_features) == (8, 3)
+    assert meta["agreement"] >= 0.9, meta  # two nets that learnt the target's rule
+
+    # The joined body is exactly the two pretrained models, outputs concatenated.
+    one, two = (pretrained_net(spec) for spec in specs)
+    x = to_tensor(_images(20, 5)[0])
+    with torch.no_grad():
+        assert torch.allclose(back.module.body(x), torch.cat([one(x), two(x)], 1))
+
+    # Retrained in the same way through the API, the same logits: the list is a plain value.
+    from flipback.data import load_dataset
+
+    ds = load_dataset(data, split="train")
+    with load_blackbox(target, ds.num_classes, budget=200, input_shape=(3, SIZE, SIZE)) as bb:
+        again = train_surrogate(bb, ds, 200, epochs=0, init=tuple(specs))
+    with torch.no_grad():
+        assert torch.allclose(again.module(x), back.module(x), atol=1e-5)
+
+
+def pretrained_net(spec: str) -> nn.Module:
+    """The pretrained net of a test's python: SPEC, loaded as the test wrote it."""
+    path, factory = spec[len("python:"):].rsplit(":", 1)
+    ns: dict = {"__file__": path}
+    exec(Path(path).read_text(), ns)
+    return ns[factory]().eval()
+
+
 def test_surrogate_data_gets_the_targets_eval_transform(tmp_path):
     """A .pt2 target at 16 px, data at 24 px: decoded as explain decodes it (resized), then trained."""
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),

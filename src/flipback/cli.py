@@ -9,7 +9,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -150,7 +150,8 @@ def _ray_options(address: Optional[str], actors: Optional[int], cpus: float, gpu
 
 _INIT_HELP = ("Start the surrogate from this pretrained model (any white-box SPEC: ARCH:WEIGHTS, FILE.pt, FILE.pt2, "
               "hf:DIR, timm:NAME:WEIGHTS, python:MODULE:FACTORY); costs no target queries. A new linear head maps its "
-              "outputs to the target's classes when their counts differ.")
+              "outputs to the target's classes when their counts differ. Repeat it to start from several models: "
+              "one new head reads all their outputs.")
 _DEVICE_HELP = "auto (CUDA when there is one, then MPS, then the CPU) | cpu | cuda | cuda:N | mps: where the model runs."
 _MEMORY_HELP = ("Memory cap that sizes the batches, e.g. 8G or 512M (default: 80% of the memory free when the run "
                 "starts; on CUDA, of the GPU's). A run that cannot fit one image stops with an error.")
@@ -228,7 +229,7 @@ def bench_paper(
     surrogate_data: Optional[str] = typer.Option(None, help="black-box: images to train the surrogate on."),
     surrogate_budget: int = typer.Option(10000, help="black-box: target queries for the surrogate."),
     surrogate: Optional[str] = typer.Option(None, help="black-box: use this surrogate instead of training one."),
-    surrogate_init: Optional[str] = typer.Option(None, "--surrogate-init", "--init",
+    surrogate_init: Optional[List[str]] = typer.Option(None, "--surrogate-init", "--init", metavar="SPEC",
                                                  help="black-box: " + _INIT_HELP),
     output: Output = typer.Option(Output.scores, help="black-box: the target returns scores, or only a label."),
     ray: Optional[str] = typer.Option(None, "--ray", help=_RAY_HELP),
@@ -250,7 +251,7 @@ def bench_paper(
                            methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None, pixels=pixels.value,
                            limit=limit, figures=figures, batch_size=batch_size,
                            surrogate=surrogate, surrogate_data=surrogate_data, surrogate_budget=surrogate_budget,
-                           surrogate_init=surrogate_init, output=output.value, show_progress=not _state["quiet"], log=_log,
+                           surrogate_init=list(surrogate_init or []) or None, output=output.value, show_progress=not _state["quiet"], log=_log,
                            device=device, max_memory=max_memory, classes=str(classes) if classes else None,
                            ray=_ray_options(ray, ray_actors, ray_cpus, ray_gpus, total_budget, rate_limit))
         if _state["json"]:
@@ -383,7 +384,7 @@ def surrogate_cmd(
                                           help=f"Surrogate models, comma-separated, trained on the same answers and "
                                                f"averaged: {MEMBER_HELP}; 'init' is the --init model "
                                                f"(default: {','.join(DEFAULT_MEMBERS)}; with --init: init alone)."),
-    init: Optional[str] = typer.Option(None, "--init", help=_INIT_HELP),
+    init: Optional[List[str]] = typer.Option(None, "--init", metavar="SPEC", help=_INIT_HELP),
     classes: Optional[Path] = typer.Option(None, help="The target's class names, one a line, in its output order "
                                            "(as explain's --classes)."),
     seed: int = typer.Option(0),
@@ -415,7 +416,7 @@ def surrogate_cmd(
                              batch_size=batch_size, max_memory=max_memory, self_train=self_train,
                              active=active, std=_floats(std), allow_test_data=allow_test_data, device=device,
                              show_progress=not _state["quiet"],
-                             log=_log, init=init, classes=str(classes) if classes else None)
+                             log=_log, init=list(init or []) or None, classes=str(classes) if classes else None)
         if _state["json"]:
             print(json.dumps(meta))
         elif not _state["quiet"]:

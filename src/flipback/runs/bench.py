@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import FlipbackError
 from ..report import write_report
 from ..targets.device import resolve_device
+from ..targets.surrogate import init_specs
 from .explain_run import ExplainConfig, run_explain
 
 # Haffar, Jebreel, Domingo-Ferrer, Sanchez, MDAI 2021 (LNCS 12898), as reported.
@@ -28,14 +29,15 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
               pixels: str = "uint8", limit: int | None = None, figures: bool = False, batch_size: int = 256,
               surrogate: str | None = None, surrogate_data: str | None = None, surrogate_budget: int = 10000,
               output: str = "scores", show_progress: bool = True, log=print, ray=None, device: str = "auto",
-              max_memory: str | None = None, surrogate_init: str | None = None, classes: str | None = None) -> dict:
+              max_memory: str | None = None, surrogate_init: str | list[str] | None = None, classes: str | None = None) -> dict:
     """`classes`: the model's class names, one a line, in its output order (explain's
     --classes); the data set's class folders are matched to them, for the surrogate too."""
     out_dir = Path(out_dir)
     resolve_device(device)  # a device that is not there: one clear error before any work
     if methods is None:
         methods = ["paper", "fast", "minimal"]  # both modes: black-box `minimal` shrinks with target queries
-    if mode == "black-box" and surrogate is None and surrogate_init and surrogate_init.startswith("python:"):
+    if mode == "black-box" and surrogate is None and any(spec.startswith("python:")
+                                                         for spec in init_specs(surrogate_init)):
         # Loading such a surrogate imports the code it names, which needs --trust-model; bench has none.
         raise FlipbackError("bench cannot start its surrogate from a python: model",
                             hint="export it to a .pt2 or TorchScript file; or train with `flipback surrogate --init` "
@@ -60,7 +62,7 @@ def run_bench(*, model: str, data: str, out_dir: Path, mode: str, methods: list[
 
 
 def _bench_surrogate(model, surrogate_data, budget, output, out_dir: Path, show_progress, log,
-                     allow_test_data: bool = False, device: str = "auto", init: str | None = None,
+                     allow_test_data: bool = False, device: str = "auto", init: str | list[str] | None = None,
                      classes: str | None = None, max_memory: str | None = None) -> Path:
     """Train the bench's surrogate once; a re-run (resume) reuses the one in the folder (one
     file per --surrogate-init SPEC)."""
@@ -69,7 +71,9 @@ def _bench_surrogate(model, surrogate_data, budget, output, out_dir: Path, show_
     if not surrogate_data:
         raise FlipbackError("a black-box bench needs --surrogate-data (or --surrogate FILE)",
                             hint="e.g. --surrogate-data cifar10/train --surrogate-budget 10000")
-    tag = f"-init-{hashlib.sha256(init.encode()).hexdigest()[:8]}" if init else ""
+    # One SPEC hashes as it did before several were possible (a rerun finds its file).
+    digest = hashlib.sha256("\n".join(init_specs(init)).encode()).hexdigest()[:8]
+    tag = f"-init-{digest}" if init else ""
     path = out_dir / f"surrogate-{output}-{budget}{tag}.th"
     if path.is_file():
         log(f"using the bench's surrogate {path}")

@@ -16,7 +16,7 @@ from .progress import progress_bar
 def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str = "train", output: str = "scores",
                   epochs: int = 30, members=None, seed: int = 0, flip: bool = True, mean=None, std=None,
                   allow_test_data: bool = False, device: str = "auto", show_progress: bool = True, log=print,
-                  init: str | None = None, classes: str | None = None,
+                  init: str | list[str] | None = None, classes: str | None = None,
                   batch_size: int = 128, max_memory: str | int | None = None, self_train: int = 0,
                   active: float = 0.0) -> dict:
     """Train a surrogate of `target` on `data` and save it to `out`; returns its metadata.
@@ -26,7 +26,7 @@ def run_surrogate(*, target: str, data: str, budget: int, out: Path, split: str 
     matched to the target's (or to `classes`, a file). `batch_size`: images per training
     step, lowered where `max_memory` (a cap such as "8G"; None: 80% of what is free) holds
     fewer (the file records what each member trained with). `members` None: the default members, or
-    with `init` (a pretrained model's SPEC, at no query cost) that model alone; see
+    with `init` (a pretrained model's SPEC, or a list of several, at no query cost) that model alone; see
     targets/surrogate.py. `self_train` N: then refit on the answers plus N unqueried images
     labelled by the first surrogate (no queries; see train_surrogate). `active` a: the last
     share a of the budget goes to the images a first surrogate is least sure about.

@@ -12,7 +12,8 @@ Members trained from scratch are CIFAR-size networks; on images larger than SCRA
 first average-pool the image down (224 px: by 4, to 56 px), so their cost suits the input size.
 
 With `init` (`--init SPEC`), one member starts from a pretrained model that the user supplies
-(any white-box SPEC that `load_model` reads), at no query cost: see `build_init`.
+(any white-box SPEC that `load_model` reads), at no query cost: see `build_init`. Several
+SPECs (`--init A --init B`) make that member their outputs side by side under one new head.
 
 A surrogate is an ensemble: several members, trained on the same answers, whose logits are
 averaged. Changes that fool several differently built models transfer to the target far
@@ -75,7 +76,7 @@ class SurrogateEnsemble(torch.nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(0)
 
 
-def parse_members(text, init: str | None = None) -> tuple[str, ...]:
+def parse_members(text, init: str | list[str] | None = None) -> tuple[str, ...]:
     """"resnet20,cnn32" (or a sequence of names) -> ("resnet20", "cnn32"), checked.
 
     With `init` (a pretrained model's SPEC), the member `init` is that model: None gives it
@@ -101,6 +102,34 @@ def parse_members(text, init: str | None = None) -> tuple[str, ...]:
         if not m or not (size >= 4 if m[1] == "cnn" else size >= 8 and (size - 2) % 6 == 0):
             raise FlipbackError(f"unknown surrogate member '{name}'", hint=f"members: {MEMBER_HELP}")
     return names
+
+
+def init_specs(init) -> tuple[str, ...]:
+    """--init's value as SPECs: None -> (), one SPEC -> (SPEC,), a sequence -> its SPECs."""
+    if not init:
+        return ()
+    return (init,) if isinstance(init, str) else tuple(init)
+
+
+def stored_init(init) -> str | list[str]:
+    """--init as a surrogate file records it: one SPEC as itself (as before several were
+    possible), several as a list."""
+    specs = init_specs(init)
+    return specs[0] if len(specs) == 1 else list(specs)
+
+
+class Joined(nn.Module):
+    """Several pretrained models on the same pixels, their outputs concatenated: one --init
+    member whose new head reads them all, so its gradient is that of their ensemble (on
+    EfficientNet-Lite0 at 224 px, Lite1 and Lite2 together agreed 73.6% where Lite1 alone
+    agreed 71.4%: docs/benchmarks.md, issue 12)."""
+
+    def __init__(self, *nets: nn.Module):
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([net(x) for net in self.nets], dim=1)
 
 
 class Headed(nn.Module):
@@ -177,31 +206,39 @@ def _init_class_count(spec: str, num_classes: int) -> int:
     return num_classes
 
 
-def build_init(spec: str, num_classes: int, input_shape, *, trust_code: bool = True) -> nn.Module:
-    """The pretrained model of SPEC as a surrogate member: it takes [0,1] pixels (its own
-    normalization inside, as load_model gives it) and returns `num_classes` logits. When its
-    output count differs, a new `nn.Linear(outputs, num_classes)` goes on top of its outputs
-    (`Headed`); its own classifier is kept. `trust_code=False` refuses `python:` specs (a
-    surrogate file naming code to import)."""
+def build_init(init, num_classes: int, input_shape, *, trust_code: bool = True) -> nn.Module:
+    """The pretrained model of SPEC (or of several SPECs) as a surrogate member: it takes [0,1]
+    pixels (each model's own normalization inside, as load_model gives it) and returns
+    `num_classes` logits. When one model's output count differs, a new
+    `nn.Linear(outputs, num_classes)` goes on top of its outputs (`Headed`); its own classifier
+    is kept. Several models always get a new head, on their outputs side by side (`Joined`).
+    `trust_code=False` refuses `python:` specs (a surrogate file naming code to import)."""
     from .loading import load_model
 
-    if spec.startswith("python:") and not trust_code:
-        raise ModelError(f"the surrogate starts from {spec}, which imports and runs that Python code",
-                         hint="pass --trust-model (trust_model=True) if you trust the surrogate file")
-    net = load_model(spec, _init_class_count(spec, num_classes)).module
+    specs = init_specs(init)
+    for spec in specs:  # refused before any model loads
+        if spec.startswith("python:") and not trust_code:
+            raise ModelError(f"the surrogate starts from {spec}, which imports and runs that Python code",
+                             hint="pass --trust-model (trust_model=True) if you trust the surrogate file")
     c, h, w = input_shape
-    net.eval()
-    try:
-        with torch.no_grad():
-            out = net(torch.zeros(1, c, h, w))
-    except Exception as exc:
-        raise ModelError(f"the --init model {spec} fails on a {c}x{h}x{w} image: {type(exc).__name__}: {exc}",
-                         hint="it must take the data set's images (after the target's eval transform)") from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2:
-        raise ModelError(f"the --init model {spec} returns {getattr(out, 'shape', type(out).__name__)}, "
-                         "not (batch, outputs) logits")
-    outputs = int(out.shape[1])
-    return net if outputs == num_classes else Headed(net, outputs, num_classes)
+    nets, outputs = [], 0
+    for spec in specs:
+        net = load_model(spec, _init_class_count(spec, num_classes)).module
+        net.eval()
+        try:
+            with torch.no_grad():
+                out = net(torch.zeros(1, c, h, w))
+        except Exception as exc:
+            raise ModelError(f"the --init model {spec} fails on a {c}x{h}x{w} image: {type(exc).__name__}: {exc}",
+                             hint="it must take the data set's images (after the target's eval transform)") from None
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            raise ModelError(f"the --init model {spec} returns {getattr(out, 'shape', type(out).__name__)}, "
+                             "not (batch, outputs) logits")
+        nets.append(net)
+        outputs += int(out.shape[1])
+    if len(nets) > 1:
+        return Headed(Joined(*nets), outputs, num_classes)
+    return nets[0] if outputs == num_classes else Headed(nets[0], outputs, num_classes)
 
 
 # Members trained from scratch see images of at most this size: larger ones are average-pooled
@@ -231,7 +268,7 @@ class Pooled(nn.Module):
         return self.net(self.pool(x))
 
 
-def build_member(name: str, num_classes: int, in_channels: int, *, init: str | None = None,
+def build_member(name: str, num_classes: int, in_channels: int, *, init: str | list[str] | None = None,
                  input_shape=None, trust_code: bool = True, pool: int = 1) -> nn.Module:
     if name == INIT_MEMBER:
         return build_init(init, num_classes, input_shape, trust_code=trust_code)
@@ -242,7 +279,7 @@ def build_member(name: str, num_classes: int, in_channels: int, *, init: str | N
     return Normalized(Pooled(net, pool) if pool > 1 else net, (SURROGATE_MEAN,) * c, (SURROGATE_STD,) * c)
 
 
-def build_surrogate(num_classes: int, in_channels: int, members=DEFAULT_MEMBERS, *, init: str | None = None,
+def build_surrogate(num_classes: int, in_channels: int, members=DEFAULT_MEMBERS, *, init: str | list[str] | None = None,
                     input_shape=None, trust_code: bool = True, pool: int = 1) -> torch.nn.Module:
     """One member alone, or the ensemble of several."""
     built = [build_member(name, num_classes, in_channels, init=init, input_shape=input_shape, trust_code=trust_code,
@@ -484,7 +521,7 @@ def agreement(model: torch.nn.Module, x, labels: torch.Tensor, *, device: torch.
 def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: int = 30,
                     holdout: float = 0.1, batch_size: int = 128, lr: float = 0.05, flip: bool = True,
                     seed: int = 0, target_spec: str = "", progress=None, device: torch.device | str = "cpu",
-                    init: str | None = None, max_memory: str | int | None = None, self_train: int = 0,
+                    init: str | list[str] | None = None, max_memory: str | int | None = None, self_train: int = 0,
                     active: float = 0.0) -> Surrogate:
     """Query the target on `budget` images of `ds` and fit a surrogate to its answers: each
     member in turn (member i with seed `seed + i`), on the same answers. `members` None: the
@@ -521,7 +558,7 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
     if not 0 <= active < 1:
         raise FlipbackError(f"--active is the share of the budget chosen by the surrogate, in [0, 1), got {active}")
     h, w, c = ds.shape
-    init = absolute_spec(init) if init else None
+    init = stored_init([absolute_spec(spec) for spec in init_specs(init)]) or None
     # The pretrained model loads (and is checked on the data's size) before any query.
     pretrained = build_init(init, ds.num_classes, (c, h, w)) if init else None
     if budget < 10:
@@ -594,7 +631,7 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
             "batch_size": batch_size, "member_batch_size": batches,
             "member_pool": pool, **extra}
     if init:
-        meta["init"] = init  # rebuilt from this SPEC (its files must be there) when the surrogate loads
+        meta["init"] = init  # rebuilt from this SPEC or list of SPECs (their files must be there) when it loads
         meta["init_head"] = isinstance(pretrained, Headed)
         meta["init_lr_scale"] = INIT_LR_SCALE
         meta["linear_probe"] = isinstance(pretrained, Headed)  # its new head fitted first (_linear_probe)
