@@ -91,6 +91,12 @@ def lite1_pixels() -> nn.Module:
     return Pixels(lite(1))
 
 
+def lite2_pixels() -> nn.Module:
+    """EfficientNet-Lite2 the same way: with `--init ...:lite1_pixels --init ...:lite2_pixels`,
+    one surrogate reads both networks' logits."""
+    return Pixels(lite(2))
+
+
 class Cifar10(nn.Module):
     """The 1,000 ImageNet logits as 10 CIFAR-10 logits: log-sum-exp over each class's indices."""
 

