@@ -5,7 +5,7 @@ JPEGs upscaled to 224 px, every method, white-box and black-box, each run in a f
     pip install -e '.[bench]'
     python benchmarks/lite0_bench.py --data ../shared/data/cifar10-jpeg --out runs/lite0-bench \
         [--per-class 50] [--limit 100] [--answers 1000] [--epochs 2] [--part white|black|all] \
-        [--init-factory lite1_pixels|lite1_pixels,lite2_pixels] [--bb-confidence C] [--bb-budget B]
+        [--init-factory lite1_pixels|lite1_pixels,lite2_pixels] [--bb-confidence C]
 
 - The model is benchmarks/efficientnet_lite0.py's archive with log-mean-exp class mapping
   (`lite0_cifar10_mean.pt2`; built here when missing).
@@ -108,8 +108,6 @@ def main() -> None:
     ap.add_argument("--surrogates", default="init,scratch", help="which black-box surrogates: init, scratch or both")
     ap.add_argument("--bb-confidence", type=float, default=None,
                     help="--confidence for the black-box fast runs (choose it on train-split errors)")
-    ap.add_argument("--bb-budget", type=int, default=None,
-                    help="--budget (most queries an image) for the black-box fast runs (choose it on train-split errors)")
     ap.add_argument("--bb-limit", type=int, default=50, help="black-box runs explain the first N errors")
     ap.add_argument("--max-memory", default=None)
     ap.add_argument("--tag", default="", help="appended to the rows' names, folders and surrogate files (a rerun)")
@@ -176,10 +174,8 @@ def main() -> None:
                     continue
                 run = out / f"bb-{m}-{short}{slug}"
                 bb = [a if a != str(args.limit) else str(args.bb_limit) for a in common]
-                fast_opts = ["--confidence", str(args.bb_confidence)] if args.bb_confidence and m == "fast" else []
-                if args.bb_budget and m == "fast":
-                    fast_opts += ["--budget", str(args.bb_budget)]
-                secs, peak = flipback(["explain", *bb, "--mode", "black-box", "--method", m, *fast_opts,
+                conf = ["--confidence", str(args.bb_confidence)] if args.bb_confidence and m == "fast" else []
+                secs, peak = flipback(["explain", *bb, "--mode", "black-box", "--method", m, *conf,
                                        "--surrogate", str(surr), "--trust-model", "--out", str(run)],
                                       out / f"bb-{m}-{short}{slug}.log")
                 keep(row(name, run, secs, peak))

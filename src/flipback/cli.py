@@ -251,7 +251,7 @@ def bench_paper(
                            methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None, pixels=pixels.value,
                            limit=limit, figures=figures, batch_size=batch_size,
                            surrogate=surrogate, surrogate_data=surrogate_data, surrogate_budget=surrogate_budget,
-                           surrogate_init=list(surrogate_init or []) or None, output=output.value, show_progress=not _state["quiet"], log=_log,
+                           surrogate_init=surrogate_init or None, output=output.value, show_progress=not _state["quiet"], log=_log,
                            device=device, max_memory=max_memory, classes=str(classes) if classes else None,
                            ray=_ray_options(ray, ray_actors, ray_cpus, ray_gpus, total_budget, rate_limit))
         if _state["json"]:
@@ -416,7 +416,7 @@ def surrogate_cmd(
                              batch_size=batch_size, max_memory=max_memory, self_train=self_train,
                              active=active, std=_floats(std), allow_test_data=allow_test_data, device=device,
                              show_progress=not _state["quiet"],
-                             log=_log, init=list(init or []) or None, classes=str(classes) if classes else None)
+                             log=_log, init=init or None, classes=str(classes) if classes else None)
         if _state["json"]:
             print(json.dumps(meta))
         elif not _state["quiet"]:
