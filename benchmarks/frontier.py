@@ -40,9 +40,9 @@ SPEC = "cifar_resnet20:../shared/models/cifar10_resnet20.th"
 DATA = "../shared/data/cifar10-jpeg"
 
 
-def errors(split: str, limit: int, surrogate_meta: dict):
-    ds = load_dataset(DATA, split=split, progress=False)
-    net = load_model(SPEC, ds.num_classes).module.eval()
+def errors(split: str, limit: int, surrogate_meta: dict, spec: str = SPEC, data: str = DATA):
+    ds = load_dataset(data, split=split, progress=False)
+    net = load_model(spec, ds.num_classes).module.eval()
     skip = np.zeros(len(ds), dtype=bool)
     if split == "train":  # the images the surrogate was trained on are not validation data
         rng = np.random.default_rng(surrogate_meta.get("seed", 0))
@@ -59,11 +59,11 @@ def errors(split: str, limit: int, surrogate_meta: dict):
     return to_tensor(ds.images[idx]), torch.from_numpy(ds.labels[idx]).long(), ds.num_classes
 
 
-def surrogate_and_errors(path: str, split: str, limit: int):
+def surrogate_and_errors(path: str, split: str, limit: int, spec: str = SPEC, data: str = DATA):
     """The surrogate file's guide and the target's first `limit` errors of `split` ->
     (target answers: "scores" or "label", guide, images, labels, class count)."""
     surrogate = load_surrogate(path)
-    x, y, k = errors(split, limit, surrogate.meta)
+    x, y, k = errors(split, limit, surrogate.meta, spec, data)
     return surrogate.meta["output"], ModelGuide(surrogate.module, k), x, y, k
 
 
@@ -213,6 +213,8 @@ def plot(rows, path, title):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("surrogate")
+    ap.add_argument("--model", default=SPEC, help="the target (default: the public CIFAR-10 ResNet-20)")
+    ap.add_argument("--data", default=DATA, help="its data set (the surrogate must have been trained on its train split)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=10**9)
     ap.add_argument("--budgets", default="2,5,10,20,50,100")
@@ -223,9 +225,9 @@ def main():
     ap.add_argument("--plot", help="write the frontier (success and median L2 against mean queries) to this PNG")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    output, guide, x, y, k = surrogate_and_errors(args.surrogate, args.split, args.limit)
+    output, guide, x, y, k = surrogate_and_errors(args.surrogate, args.split, args.limit, args.model, args.data)
     rows = []
-    with load_blackbox(SPEC, k, output=output) as target:
+    with load_blackbox(args.model, k, output=output) as target:
         start = Start(target, guide, x, y)
         for b in [int(v) for v in args.budgets.split(",") if v]:
             rows.append(row("flipback minimal", f"budget {b}", x, *run_refine(MinimalAttack(max_queries=b), start, b)))
@@ -246,7 +248,7 @@ def main():
         print(f"| {r['method']} | {r['setting']} | {100 * r['success']:.2f}% | {r['mean_queries']:.2f} | {r['median_l2']:.4f} "
               f"| {r['seconds_per_image']:.3f} |")
     if args.plot:
-        plot(rows, args.plot, f"{len(x)} ResNet-20 {args.split} errors, target answers: {output}")
+        plot(rows, args.plot, f"{len(x)} {args.model.split(':')[0]} {args.split} errors, target answers: {output}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -197,6 +197,7 @@ def test_demo_trains_once_and_explains(tmp_path):
         assert (out / mode / "index.html").is_file()
     black = json.loads((out / "black-box" / "summary.json").read_text())
     assert black["surrogate_queries"] == 300 and black["method"] == "minimal"  # transfer, then shrink
+    assert black["options"] == {"confidence": 0.5}  # the demo's validated transfer margin, recorded
     res2 = runner.invoke(app, ["demo", "--data", str(folder), "--out", str(out), "--limit", "5"])
     assert res2.exit_code == 0 and "cached model" in res2.output and "cached surrogate" in res2.output
 

@@ -19,6 +19,12 @@ SURROGATE_QUERIES = 5000
 # for the ensemble) and 94% black-box success (96%) (docs/benchmarks.md, "The demo").
 SURROGATE_MEMBERS = ("cnn32",)
 BLACK_BOX_METHOD = "minimal"
+# The transfer step aims for this surrogate margin (logits) before its first query, where the
+# product's default is 4: chosen on validation errors only (1,000 train-split errors of the
+# demo's CNN that the surrogate never queried): success 94.4% -> 96.8%, median L2 0.546 ->
+# 0.520 (docs/benchmarks.md, "The demo's black-box half"). Not validated on CIFAR-10, so the
+# product's default stays.
+BLACK_BOX_OPTIONS = {"confidence": 0.5}
 
 
 def _surrogate(spec: str, root: Path, path: Path, show_progress: bool, log, device: str = "auto") -> Path:
@@ -59,6 +65,6 @@ def run_demo(*, data: str | None, out_dir: Path, method: str = "minimal", limit:
     cached = weights.with_name(f"{weights.stem}-surrogate{SURROGATE_QUERIES}-{'-'.join(SURROGATE_MEMBERS)}.th")
     surrogate = _surrogate(spec, root, cached, show_progress, log, device)
     black = ExplainConfig(model=spec, data=str(root), split="test", mode="black-box", method=BLACK_BOX_METHOD,
-                          surrogate=str(surrogate), limit=limit, device=device)
+                          surrogate=str(surrogate), limit=limit, device=device, options=dict(BLACK_BOX_OPTIONS))
     summaries["black-box"] = run_explain(black, out_dir / "black-box", show_progress=show_progress, log=log)
     return summaries

@@ -266,7 +266,7 @@ def summarize(cfg: ExplainConfig, ds: Dataset, preds: Predictions, records: list
     errors = preds.misclassified
     return {
         "mode": cfg.mode, "method": cfg.method, "model": cfg.model, "data": cfg.data, "split": cfg.split,
-        "pixels": cfg.pixels, "budget": cfg.budget,
+        "pixels": cfg.pixels, "budget": cfg.budget, "options": dict(cfg.options),
         "n_images": int(len(ds)), "n_skipped": len(ds.skipped),
         "skipped_by_reason": dict(Counter(s.reason.split(":")[0] for s in ds.skipped)),
         "accuracy": preds.accuracy, "n_misclassified": int(len(errors)), "n_explained": len(records),
