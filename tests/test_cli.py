@@ -175,7 +175,7 @@ def _write_idx(folder, prefix, images, labels):
         f.write(struct.pack(">II", 2049, len(labels)) + labels.astype(np.uint8).tobytes())
 
 
-def test_demo_trains_once_and_explains(tmp_path):
+def test_demo_trains_once_and_explains(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     folder = tmp_path / "fashion-mnist"
     folder.mkdir()
@@ -200,6 +200,15 @@ def test_demo_trains_once_and_explains(tmp_path):
     assert black["options"] == {"confidence": 0.5}  # the demo's validated transfer margin, recorded
     res2 = runner.invoke(app, ["demo", "--data", str(folder), "--out", str(out), "--limit", "5"])
     assert res2.exit_code == 0 and "cached model" in res2.output and "cached surrogate" in res2.output
+    # A newer flipback with other demo settings: the earlier run is kept aside, not an error.
+    from flipback.runs import demo as demo_module
+
+    monkeypatch.setattr(demo_module, "BLACK_BOX_OPTIONS", {"confidence": 1.0})
+    res3 = runner.invoke(app, ["demo", "--data", str(folder), "--out", str(out), "--limit", "5"])
+    assert res3.exit_code == 0 and "earlier run is kept" in res3.output, res3.output
+    assert json.loads((out / "black-box.earlier-1" / "summary.json").read_text())["options"] == {"confidence": 0.5}
+    assert json.loads((out / "black-box" / "summary.json").read_text())["options"] == {"confidence": 1.0}
+    assert not (out / "white-box.earlier-1").exists()  # the white-box half's settings did not change
 
 
 def test_demo_without_data_says_how_to_get_it(tmp_path):

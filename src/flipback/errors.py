@@ -23,3 +23,7 @@ class ModelError(FlipbackError):
 
 class RunError(FlipbackError):
     """A run folder or run configuration problem."""
+
+
+class SettingsChanged(RunError):
+    """A run folder holds a run made with other settings, so it cannot be resumed."""

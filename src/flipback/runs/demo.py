@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data import fashion_mnist_dir, load_dataset
-from ..errors import DataError
+from ..errors import DataError, SettingsChanged
 from ..targets.device import resolve_device
 from .explain_run import ExplainConfig, run_explain
 from .surrogate_run import run_surrogate
@@ -39,6 +39,21 @@ def _surrogate(spec: str, root: Path, path: Path, show_progress: bool, log, devi
     return path
 
 
+def _explain(cfg: ExplainConfig, run_dir: Path, show_progress: bool, log) -> dict:
+    """run_explain, but a folder left by an earlier demo with other settings (a newer flipback
+    changed them) is kept aside as RUN_DIR.earlier-N and the run starts over, so that `make
+    demo` stays idempotent across upgrades."""
+    try:
+        return run_explain(cfg, run_dir, show_progress=show_progress, log=log)
+    except SettingsChanged as e:
+        n = 1
+        while run_dir.with_name(f"{run_dir.name}.earlier-{n}").exists():
+            n += 1
+        kept = run_dir.rename(run_dir.with_name(f"{run_dir.name}.earlier-{n}"))
+        log(f"{e}: the demo's settings changed; the earlier run is kept at {kept}, starting over")
+        return run_explain(cfg, run_dir, show_progress=show_progress, log=log)
+
+
 def run_demo(*, data: str | None, out_dir: Path, method: str = "minimal", limit: int | None = None,
              show_progress: bool = True, log=print, device: str = "auto") -> dict[str, dict]:
     """Returns {"white-box": summary, "black-box": summary}; run folders are OUT/white-box
@@ -60,11 +75,11 @@ def run_demo(*, data: str | None, out_dir: Path, method: str = "minimal", limit:
     spec = f"small_cnn:{weights}"
     out_dir = Path(out_dir)
     white = ExplainConfig(model=spec, data=str(root), split="test", method=method, limit=limit, device=device)
-    summaries = {"white-box": run_explain(white, out_dir / "white-box", show_progress=show_progress, log=log)}
+    summaries = {"white-box": _explain(white, out_dir / "white-box", show_progress, log)}
     # The members are in the name, so a new default ensemble is trained rather than an old file reused.
     cached = weights.with_name(f"{weights.stem}-surrogate{SURROGATE_QUERIES}-{'-'.join(SURROGATE_MEMBERS)}.th")
     surrogate = _surrogate(spec, root, cached, show_progress, log, device)
     black = ExplainConfig(model=spec, data=str(root), split="test", mode="black-box", method=BLACK_BOX_METHOD,
                           surrogate=str(surrogate), limit=limit, device=device, options=dict(BLACK_BOX_OPTIONS))
-    summaries["black-box"] = run_explain(black, out_dir / "black-box", show_progress=show_progress, log=log)
+    summaries["black-box"] = _explain(black, out_dir / "black-box", show_progress, log)
     return summaries

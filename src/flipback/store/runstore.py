@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import RunError
+from ..errors import RunError, SettingsChanged
 from .record import ImageRecord
 
 _SCHEMA = """
@@ -49,7 +49,7 @@ class RunStore:
         if stored and stored != wanted:
             diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
             store.close()
-            raise RunError(
+            raise SettingsChanged(
                 f"{run_dir} holds a run with other settings ({', '.join(diff)} differ)",
                 hint="use another --out folder, or delete that one to start over",
             )
