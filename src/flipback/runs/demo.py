@@ -22,8 +22,8 @@ BLACK_BOX_METHOD = "minimal"
 # The transfer step aims for this surrogate margin (logits) before its first query, where the
 # product's default is 4: chosen on validation errors only (1,000 train-split errors of the
 # demo's CNN that the surrogate never queried): success 94.4% -> 96.8%, median L2 0.546 ->
-# 0.520 (docs/benchmarks.md, "The demo's black-box half"). Not validated on CIFAR-10, so the
-# product's default stays.
+# 0.520 (docs/benchmarks.md, "The Fashion-MNIST demo's black-box half"). On CIFAR-10
+# validation errors it made no difference, so the product's default stays.
 BLACK_BOX_OPTIONS = {"confidence": 0.5}
 
 
