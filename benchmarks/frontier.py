@@ -1,7 +1,8 @@
 """The black-box minimal-change frontier: median L2 against mean target queries.
 
-    python benchmarks/frontier.py SURROGATE.th [--split test|train] [--limit N] [--budgets 2,5,10,20]
-        [--hsj 1x10,2x20] [--csv OUT.csv] [--plot OUT.png]                   (needs ../shared)
+    python benchmarks/frontier.py SURROGATE.th [--model SPEC --data DIR] [--split test|train] [--limit N]
+        [--budgets 2,5,10,20] [--confidence C] [--hsj 1x10,2x20] [--csv OUT.csv] [--plot OUT.png]
+                                                   (the default target and data need ../shared)
 
 The public CIFAR-10 ResNet-20 is the target, used only through its answers (in process, scores
 or top-1 labels: the surrogate file says which it learned from). On its first N errors of the
@@ -98,16 +99,16 @@ class Start:
     transfer run again with that budget, so each budget's start is exactly what `minimal`
     itself would have reached."""
 
-    def __init__(self, target, guide, x, y):
-        self.target, self.guide, self.x, self.y = target, guide, x, y
-        self.result = run_flipback(FastAttack(), target, guide, x, y)
+    def __init__(self, target, guide, x, y, confidence: float = 4.0):
+        self.target, self.guide, self.x, self.y, self.confidence = target, guide, x, y, confidence
+        self.result = run_flipback(FastAttack(confidence=confidence), target, guide, x, y)
         self.seconds = self.result[3]
 
     def at(self, budget: int):
         corrected, success, queries = (t.clone() for t in self.result[:3])
         over = (queries > budget).nonzero().squeeze(1)
         if len(over):
-            c, s, q, _ = run_flipback(FastAttack(max_queries=budget), self.target, self.guide, self.x[over],
+            c, s, q, _ = run_flipback(FastAttack(max_queries=budget, confidence=self.confidence), self.target, self.guide, self.x[over],
                                       self.y[over])
             corrected[over], success[over], queries[over] = c, s, q
         return corrected, success, queries
@@ -216,6 +217,8 @@ def main():
     ap.add_argument("--model", default=SPEC, help="the target (default: the public CIFAR-10 ResNet-20)")
     ap.add_argument("--data", default=DATA, help="its data set (the surrogate must have been trained on its train split)")
     ap.add_argument("--split", default="test")
+    ap.add_argument("--confidence", type=float, default=4.0,
+                    help="the transfer step's wanted surrogate margin (minimal's and fast's default: 4)")
     ap.add_argument("--limit", type=int, default=10**9)
     ap.add_argument("--budgets", default="2,5,10,20,50,100")
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
@@ -228,9 +231,9 @@ def main():
     output, guide, x, y, k = surrogate_and_errors(args.surrogate, args.split, args.limit, args.model, args.data)
     rows = []
     with load_blackbox(args.model, k, output=output) as target:
-        start = Start(target, guide, x, y)
+        start = Start(target, guide, x, y, args.confidence)
         for b in [int(v) for v in args.budgets.split(",") if v]:
-            rows.append(row("flipback minimal", f"budget {b}", x, *run_refine(MinimalAttack(max_queries=b), start, b)))
+            rows.append(row("flipback minimal", f"budget {b}", x, *run_refine(MinimalAttack(max_queries=b, confidence=args.confidence), start, b)))
             print(rows[-1], flush=True)
             if args.baseline:
                 line = MinimalAttack(max_queries=b, rotate=0, probes=0, prune_steps=0, line_steps=b)
