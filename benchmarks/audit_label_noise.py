@@ -16,7 +16,9 @@ recipe (runs/planted.py), each on the other folds.
 - flipback: for every image its fold model disagrees with, the smallest verified 8-bit change
   toward the given label (white-box `minimal`); ranked by its L2, flagged when it is at least
   the median over all disagreements (audit/labels.py). Its repair relabels the flagged images
-  to the fold model's answer (and, as a second variant, drops them).
+  toward the fold model's answer: soft labels, RELABEL_WEIGHT (0.7) of the target on the
+  answer and the rest on the given label (runs/repair.py); a hard relabel and a drop of them
+  are shown too.
 AUPRC (average precision over every training image), precision and recall of the flagged
 sets, then the test accuracy of each repaired model against training on the noisy labels
 (each trained with every seed of `--repair-seeds`).
@@ -28,7 +30,8 @@ reach would gain.
 `--validation` (on another noise draw, `--seed 1`) chooses between repair rules without the
 test split: 10% of the train split is held out, everything else runs on the rest, and each
 rule (relabel the disagreements at relative L2 >= t for several t, drop them, or both) is
-scored by the accuracy of its model on the held-out images' true labels.
+scored by the accuracy of its model on the held-out images' true labels. `--rules REGEX`
+runs only the rules whose names match (the noisy and clean references always run).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -48,7 +52,7 @@ from flipback.audit.labels import LabelEvidence, label_evidence, relative_scores
 from flipback.audit.split import carve, subset
 from flipback.data import Dataset, load_dataset
 from flipback.runs.planted import _train
-from flipback.runs.repair import RepairPlan, evaluate, retrain
+from flipback.runs.repair import RELABEL_WEIGHT, RepairPlan, evaluate, retrain
 from flipback.runs.train import model_cache_dir
 from flipback.targets.loading import load_model
 
@@ -114,9 +118,10 @@ def oracle_plans(train: Dataset, clean: Dataset, truth: np.ndarray, disagree: np
 
 
 def choose_rule(train: Dataset, clean: Dataset, val: Dataset, truth: np.ndarray, ev: LabelEvidence,
-                seeds: list[int], out: Path, rows: dict, log) -> None:
+                seeds: list[int], out: Path, rows: dict, log, rules: str = "") -> None:
     """Validation accuracy (true labels) of models trained on the labels each rule repairs:
-    relabel the disagreements whose relative L2 is at least t, for several t, or drop them."""
+    relabel the disagreements whose relative L2 is at least t, for several t, hard or soft
+    (a share w of the target on the answer), or drop them."""
     disagree = ev.predicted != train.labels
 
     def relabel(t: float) -> dict:
@@ -127,7 +132,12 @@ def choose_rule(train: Dataset, clean: Dataset, val: Dataset, truth: np.ndarray,
         configs[f"relabel at >= {t:g}"] = (train, RepairPlan(relabel=relabel(t)))
     configs["relabel at >= 2, drop [1, 2)"] = (train, RepairPlan(
         relabel=relabel(2.0), drop=np.flatnonzero(disagree & (ev.relative >= 1) & (ev.relative < 2))))
+    for w in (0.5, 0.6, 0.7, 0.8):
+        configs[f"soft relabel at >= 1, weight {w:g}"] = (train, RepairPlan(relabel=relabel(1.0), relabel_weight=w))
     configs.update(oracle_plans(train, clean, truth, disagree, disagree & (ev.relative >= 1)))
+    if rules:
+        configs = {name: c for name, c in configs.items() 
+                   if name.startswith(("noisy labels", "clean labels")) or re.search(rules, name)}
     results = {}
     for name, (data, plan) in configs.items():
         changed = np.array(sorted(plan.relabel), dtype=np.int64)
@@ -137,9 +147,9 @@ def choose_rule(train: Dataset, clean: Dataset, val: Dataset, truth: np.ndarray,
         results[name] = {"accuracy": acc.tolist(), "relabelled": len(changed),
                          "relabel_precision": float(truth[changed].mean()) if len(changed) else None,
                          "dropped": int(len(plan.drop))}
-        log(f"{name:32s} relabelled {len(changed):5d} (precision {results[name]['relabel_precision'] or 0:.3f}) "
+        log(f"{name:36s} relabelled {len(changed):5d} (precision {results[name]['relabel_precision'] or 0:.3f}) "
             f"dropped {len(plan.drop):5d}  validation accuracy {acc.mean():.4f} +- {acc.std():.4f}")
-    (out / "validation.json").write_text(json.dumps({"n_train": len(train), "n_validation": len(val),
+    (out / "validation.json").write_text(json.dumps({"n_train": len(train), "n_validation": len(val), "seeds": seeds,
                                                      "tools": rows, "rules": results}, indent=2, default=float))
 
 
@@ -153,6 +163,7 @@ def main() -> None:
     ap.add_argument("--skip-repair", action="store_true", help="Only the detection figures.")
     ap.add_argument("--validation", action="store_true",
                     help="Choose the repair rule: hold out 10%% of the train split and score each rule there.")
+    ap.add_argument("--rules", default="", help="With --validation: only the rules whose names match this regex.")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +233,8 @@ def main() -> None:
             f"AUPRC {rows[name]['auprc']:.3f}  {sec:.0f} s")
 
     if args.validation:
-        choose_rule(train, clean, val, truth, ev, [int(v) for v in args.repair_seeds.split(",")], out, rows, log)
+        choose_rule(train, clean, val, truth, ev, [int(v) for v in args.repair_seeds.split(",")], out, rows, log,
+                    args.rules)
         return
     if args.skip_repair:
         (out / "summary.json").write_text(json.dumps({"n_train": n, "n_flipped": int(truth.sum()), "seed": args.seed,
@@ -233,7 +245,8 @@ def main() -> None:
     seeds = [int(v) for v in args.repair_seeds.split(",")]
     relabel = {int(i): int(ev.predicted[i]) for i in np.flatnonzero(flagged)}
     configs = {"noisy labels": (train, RepairPlan()), "clean labels (reference)": (clean, RepairPlan()),
-               "flipback relabel": (train, RepairPlan(relabel=relabel)),
+               "flipback soft relabel": (train, RepairPlan(relabel=relabel, relabel_weight=RELABEL_WEIGHT)),
+               "flipback hard relabel": (train, RepairPlan(relabel=relabel)),
                "flipback drop": (train, RepairPlan(drop=np.flatnonzero(flagged))),
                **oracle_plans(train, clean, truth, disagree, flagged)}
     repair = {}

@@ -17,7 +17,7 @@ from flipback.audit.causes import best_match, cover, ncc
 from flipback.audit.labels import relative_scores
 from flipback.audit.split import carve
 from flipback.data import Dataset
-from flipback.runs.repair import RepairPlan, apply_plan
+from flipback.runs.repair import RepairPlan, apply_plan, plan_targets
 
 CHECKER = np.where(np.indices((4, 4)).sum(0) % 2 == 0, 255, 0).astype(np.uint8)
 
@@ -209,6 +209,48 @@ def test_apply_plan_drops_relabels_and_adds():
     assert (out.labels[-2:] == 1).all() and out.fingerprint != ds.fingerprint
 
 
+def test_soft_relabel_targets_follow_the_plan_rows():
+    ds = _dataset(6)  # labels 0, 1, 0, 1, 0, 1
+    extra = np.zeros((1, 8, 8, 1), np.uint8)
+    hard = RepairPlan(drop=np.array([2]), relabel={1: 0, 4: 1})
+    assert plan_targets(ds, hard) is None  # a hard relabel trains on the labels themselves
+    soft = RepairPlan(drop=np.array([2]), relabel={1: 0, 4: 1}, relabel_weight=0.7, extra_images=extra,
+                      extra_labels=np.array([1]))
+    t = plan_targets(ds, soft)
+    out = apply_plan(ds, soft)
+    assert t.shape == (len(out), 2) and np.allclose(t.sum(1), 1)
+    # rows of the planned data: img0, img1 (relabelled 1 -> 0), img3, img4 (0 -> 1), img5, the extra
+    assert out.names[:5] == ["img0", "img1", "img3", "img4", "img5"]
+    np.testing.assert_allclose(t, [[1, 0], [0.7, 0.3], [0, 1], [0.3, 0.7], [0, 1], [0, 1]], atol=1e-6)
+    # the weight is part of what the retrained model is cached by
+    assert apply_plan(ds, soft).fingerprint != apply_plan(ds, RepairPlan(
+        drop=np.array([2]), relabel={1: 0, 4: 1}, extra_images=extra, extra_labels=np.array([1]))).fingerprint
+    with pytest.raises(ValueError, match="relabel_weight"):
+        RepairPlan(relabel={0: 1}, relabel_weight=0)
+
+
+def test_fit_with_soft_targets_learns_their_mean():
+    """A model that is one learnable bias, every label 0: hard labels drive it to class 0;
+    soft targets of (0.3, 0.7) to the softmax (0.3, 0.7), which cross-entropy is minimal at."""
+    from flipback.runs.train import fit
+
+    class Bias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            return self.b.expand(len(x), 2)
+
+    ds = Dataset(np.zeros((256, 4, 4, 1), np.uint8), np.zeros(256, np.int64), ["a", "b"],
+                 [str(i) for i in range(256)])
+    targets = np.tile(np.array([[0.3, 0.7]], np.float32), (256, 1))
+    soft = fit(Bias(), ds, epochs=30, lr=0.3, batch_size=64, show_progress=False, targets=targets)
+    np.testing.assert_allclose(torch.softmax(soft.b.detach(), 0).numpy(), [0.3, 0.7], atol=0.02)
+    hard = fit(Bias(), ds, epochs=30, lr=0.3, batch_size=64, show_progress=False)
+    assert torch.softmax(hard.b.detach(), 0)[0] > 0.95
+
+
 def test_audit_and_repair_commands_write_escaped_reports(tmp_path, monkeypatch):
     """End to end on a tiny Fashion-MNIST-sized set: a cue tied to class 1, a small_cnn trained on it."""
     from flipback.cli import app
@@ -259,6 +301,13 @@ def test_audit_and_repair_commands_write_escaped_reports(tmp_path, monkeypatch):
     assert rep["before"]["model"] != rep["after"]["model"]
     assert 0 <= rep["after"]["accuracy"] <= 1
     assert "<b>dark</b>" not in (tmp_path / "repair" / "repair.html").read_text()
+    assert rep["relabel_weight"] is None
+    r = runner.invoke(app, ["-q", "repair", str(tmp_path / "audit"), "--out", str(tmp_path / "relabel"),
+                            "--drop", "cause", "--relabel"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "relabel" / "repair.json").read_text())
+    assert rep["relabel_weight"] == 0.7  # soft labels by default
+    assert rep["plan"].get("relabel_weight", 0.7) == 0.7
     r = runner.invoke(app, ["repair", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")])
     assert r.exit_code != 0 and "not an audit folder" in r.output
 

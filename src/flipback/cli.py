@@ -465,8 +465,13 @@ def repair_cmd(
     audit_dir: Path = typer.Argument(..., help="A folder written by flipback audit."),
     out_dir: Path = typer.Option(..., "--out"),
     drop: str = typer.Option("cause", help="Comma-separated suspect reasons to drop: cause, label, or none."),
-    relabel: bool = typer.Option(False, "--relabel", help="Relabel likely wrong labels to the model's answer "
-                                 "instead of dropping them."),
+    relabel: bool = typer.Option(False, "--relabel", help="Relabel likely wrong labels toward the model's "
+                                 "answer (soft labels, see --relabel-weight) instead of dropping them."),
+    relabel_weight: Optional[float] = typer.Option(None, "--relabel-weight", min=0.01, max=1.0,
+                                                   help="With --relabel: the share of each relabelled image's "
+                                                   "training target on the model's answer; the rest stays on its "
+                                                   "given label (1: a hard relabel; default 0.7, chosen on "
+                                                   "validation)."),
     corrective: bool = typer.Option(False, "--corrective", help="Add the validation errors' corrected images, "
                                     "with their true labels, to the training data."),
     test: Optional[str] = typer.Option(None, help="Data whose test split measures before and after "
@@ -482,7 +487,8 @@ def repair_cmd(
         if bad:
             raise FlipbackError(f"unknown reason '{bad[0]}' in --drop", hint="use cause, label, both or none")
         summary = run_repair(audit_dir=audit_dir, out_dir=out_dir, drop=reasons, relabel=relabel,
-                             corrective=corrective, test=test, show_progress=not _state["quiet"], log=_log)
+                             corrective=corrective, test=test, show_progress=not _state["quiet"], log=_log,
+                             **({} if relabel_weight is None else {"relabel_weight": relabel_weight}))
         if _state["json"]:
             print(json.dumps(summary))
         elif not _state["quiet"]:

@@ -29,7 +29,7 @@ from ..store.runstore import RunStore
 from ..targets.loading import dataset_for_model, load_model
 from ..targets.device import resolve_device
 from .progress import progress_bar
-from .repair import RepairPlan, evaluate, predict, retrain
+from .repair import RELABEL_WEIGHT, RepairPlan, evaluate, predict, retrain
 
 THUMBNAILS = 48
 
@@ -164,7 +164,8 @@ def _cause_success(spec: str, test: Dataset, cause: dict, seed: int = 3) -> floa
 
 
 def run_repair(*, audit_dir: Path, out_dir: Path, drop: tuple[str, ...] = ("cause",), relabel: bool = False,
-               corrective: bool = False, test: str | None = None, show_progress: bool = True, log=print) -> dict:
+               relabel_weight: float = RELABEL_WEIGHT, corrective: bool = False, test: str | None = None,
+               show_progress: bool = True, log=print) -> dict:
     audit_dir, out_dir = Path(audit_dir), Path(out_dir)
     if not (audit_dir / "audit.json").is_file():
         raise FlipbackError(f"{audit_dir} is not an audit folder (no audit.json)", hint="run flipback audit first")
@@ -185,7 +186,8 @@ def run_repair(*, audit_dir: Path, out_dir: Path, drop: tuple[str, ...] = ("caus
         drop=np.array(sorted({position[int(s["index"])] for s in suspects
                               if s["reason"] in drop and not (relabel and s["reason"] == "label")}), np.int64),
         relabel={position[int(s["index"])]: by_name[s["other"]] for s in suspects
-                 if relabel and s["reason"] == "label" and s["other"] in by_name})
+                 if relabel and s["reason"] == "label" and s["other"] in by_name},
+        relabel_weight=relabel_weight)
     if corrective:
         if not len(rows):
             raise FlipbackError("--corrective needs an audit on a carved validation split")
@@ -203,6 +205,7 @@ def run_repair(*, audit_dir: Path, out_dir: Path, drop: tuple[str, ...] = ("caus
         key = f"cause_success[{cause['class_name']}]"
         before[key], after[key] = _cause_success(info["model"], test_ds, cause), _cause_success(after_spec, test_ds, cause)
     summary = {"audit": str(audit_dir), "plan": plan.describe(), "drop": list(drop), "relabel": relabel,
+               "relabel_weight": relabel_weight if relabel else None,
                "corrective": corrective, "before": before, "after": after}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "repair.json").write_text(json.dumps(summary, indent=2))

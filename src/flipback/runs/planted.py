@@ -50,7 +50,8 @@ def subset_rows(n: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
 
 
-def _train(base: str | None, ds: Dataset, out: Path, show_progress: bool, log, seed: int = 0) -> str:
+def _train(base: str | None, ds: Dataset, out: Path, show_progress: bool, log, seed: int = 0,
+           targets: np.ndarray | None = None) -> str:
     arch = base.split(":", 1)[0] if base else "small_cnn"
     spec = f"{arch}:{out}"
     if out.is_file():
@@ -69,7 +70,9 @@ def _train(base: str | None, ds: Dataset, out: Path, show_progress: bool, log, s
         keep = subset_rows(len(ds), subset, seed)
         ds = Dataset(np.asarray(ds.images[keep]), ds.labels[keep], ds.classes, [ds.names[i] for i in keep],
                      source=ds.source, fingerprint=f"{ds.fingerprint}-subset{subset}")
-    fit(model, ds, seed=seed, description=f"training {out.stem}", show_progress=show_progress, **recipe)
+        targets = None if targets is None else targets[keep]
+    fit(model, ds, seed=seed, description=f"training {out.stem}", show_progress=show_progress, targets=targets,
+        **recipe)
     inner = model.model if isinstance(model, Normalized) else model
     save_weights(inner, out, arch=arch, classes=ds.classes)
     return spec

@@ -22,9 +22,11 @@ def model_cache_dir() -> Path:
 
 
 def fit(model: nn.Module, ds: Dataset, *, epochs: int, lr: float, optimizer: str = "adam", batch_size: int = 128,
-        seed: int = 0, flip: bool = False, description: str = "training", show_progress: bool = True) -> nn.Module:
+        seed: int = 0, flip: bool = False, description: str = "training", show_progress: bool = True,
+        targets: np.ndarray | None = None) -> nn.Module:
     """Cross-entropy training of `model` (which takes [0,1] pixels) on `ds`, with a one-cycle
-    learning rate peaking at `lr`. `flip` adds random horizontal flips (natural images only)."""
+    learning rate peaking at `lr`. `flip` adds random horizontal flips (natural images only).
+    `targets` (N, K), rows summing to 1, replaces the labels by soft ones."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     params = [p for p in model.parameters()]
@@ -43,7 +45,8 @@ def fit(model: nn.Module, ds: Dataset, *, epochs: int, lr: float, optimizer: str
                 if flip:
                     mirror = torch.from_numpy(rng.random(len(idx)) < 0.5)
                     x = torch.where(mirror[:, None, None, None], x.flip(3), x)
-                loss = F.cross_entropy(model(x), torch.from_numpy(ds.labels[idx]))
+                want = torch.from_numpy(ds.labels[idx] if targets is None else targets[idx])
+                loss = F.cross_entropy(model(x), want)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
