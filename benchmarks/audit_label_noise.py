@@ -29,7 +29,8 @@ reach would gain.
 
 `--validation` (on another noise draw, `--seed 1`) chooses between repair rules without the
 test split: 10% of the train split is held out, everything else runs on the rest, and each
-rule (relabel the disagreements at relative L2 >= t for several t, drop them, or both) is
+rule (relabel the disagreements at relative L2 >= t for several t, hard or soft, drop them,
+or both) is
 scored by the accuracy of its model on the held-out images' true labels. `--rules REGEX`
 runs only the rules whose names match (the noisy and clean references always run).
 """
@@ -136,7 +137,7 @@ def choose_rule(train: Dataset, clean: Dataset, val: Dataset, truth: np.ndarray,
         configs[f"soft relabel at >= 1, weight {w:g}"] = (train, RepairPlan(relabel=relabel(1.0), relabel_weight=w))
     configs.update(oracle_plans(train, clean, truth, disagree, disagree & (ev.relative >= 1)))
     if rules:
-        configs = {name: c for name, c in configs.items() 
+        configs = {name: c for name, c in configs.items()
                    if name.startswith(("noisy labels", "clean labels")) or re.search(rules, name)}
     results = {}
     for name, (data, plan) in configs.items():
