@@ -30,9 +30,9 @@ reach would gain.
 `--validation` (on another noise draw, `--seed 1`) chooses between repair rules without the
 test split: 10% of the train split is held out, everything else runs on the rest, and each
 rule (relabel the disagreements at relative L2 >= t for several t, hard or soft, drop them,
-or both) is
-scored by the accuracy of its model on the held-out images' true labels. `--rules REGEX`
-runs only the rules whose names match (the noisy and clean references always run).
+or both) is scored by the accuracy of its model on the held-out images' true labels.
+`--rules REGEX` runs only the rules whose names match (the noisy and clean references always
+run).
 """
 
 from __future__ import annotations
