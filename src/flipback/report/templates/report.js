@@ -379,8 +379,12 @@
     if (e.key === 'ArrowLeft') { step(-1); } else if (e.key === 'ArrowRight') { step(1); }
   });
   dlg.addEventListener('close', function () {
+    // The close event comes a task later: by then a link followed meanwhile may have opened
+    // another image, or be about to (its hash set), so only the closed image's hash is reset.
+    if (dlg.open) { return; }
+    var shown = current;
     current = null;
-    if (location.hash.indexOf('#img-') === 0) {
+    if (shown && location.hash === '#img-' + shown.i) {
       try { history.replaceState(null, '', '#gallery'); } catch (e) { /* keep the hash */ }
     }
   });
