@@ -56,11 +56,16 @@ class RepairPlan:
         return out
 
 
+def _kept_rows(ds: Dataset, plan: RepairPlan) -> np.ndarray:
+    """The rows a plan keeps, in the order the planned data set has them (extras follow)."""
+    return np.setdiff1d(np.arange(len(ds)), np.asarray(plan.drop, np.int64))
+
+
 def apply_plan(ds: Dataset, plan: RepairPlan) -> Dataset:
     labels = np.array(ds.labels, copy=True)
     for row, new in plan.relabel.items():
         labels[int(row)] = int(new)
-    keep = np.setdiff1d(np.arange(len(ds)), np.asarray(plan.drop, np.int64))
+    keep = _kept_rows(ds, plan)
     images, labels, names = np.asarray(ds.images[keep]), labels[keep], [ds.names[i] for i in keep]
     if plan.extra_labels is not None and len(plan.extra_labels):
         images = np.concatenate([images, plan.extra_images])
@@ -88,8 +93,7 @@ def plan_targets(ds: Dataset, plan: RepairPlan) -> np.ndarray | None:
     new = np.array([plan.relabel[int(r)] for r in rows], np.int64)
     targets[rows] *= 1 - plan.relabel_weight
     targets[rows, new] += plan.relabel_weight
-    keep = np.setdiff1d(np.arange(len(ds)), np.asarray(plan.drop, np.int64))
-    targets = targets[keep]
+    targets = targets[_kept_rows(ds, plan)]
     if plan.extra_labels is not None and len(plan.extra_labels):
         targets = np.concatenate([targets, np.eye(k, dtype=np.float32)[np.asarray(plan.extra_labels, np.int64)]])
     return targets
