@@ -22,3 +22,12 @@ time .venv/bin/python benchmarks/whitebox_minimal.py --model $MODEL --data $DATA
 .venv/bin/pip install -q --no-deps adv-lib==0.2.8
 time .venv/bin/python benchmarks/whitebox_minimal.py --model $MODEL --data $DATA --limit 200 --attacks ddn \
   --advlib alma,apgd-min,fmn,ddn,ddn-q --out "$OUT/advlib-200.json"
+# 5. ALMA and FMN on all 1,897 errors, in four runs of 475 (about 30 min each on two CPU cores),
+#    joined by --merge; the best anchor (ddn-q) on all errors in one run.
+for off in 0 475 950 1425; do
+  time .venv/bin/python benchmarks/whitebox_minimal.py --model $MODEL --data $DATA --offset $off --limit 475 \
+    --attacks '' --advlib alma,fmn --out "$OUT/anchors-$off.json"
+done
+.venv/bin/python benchmarks/whitebox_minimal.py --merge "$OUT"/anchors-{0,475,950,1425}.json --out "$OUT/anchors-all.json"
+time .venv/bin/python benchmarks/whitebox_minimal.py --model $MODEL --data $DATA --attacks ddn --advlib ddn-q \
+  --out "$OUT/ddnq-all.json"

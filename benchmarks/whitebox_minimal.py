@@ -5,19 +5,28 @@ misclassified images.
 
     python benchmarks/whitebox_minimal.py --model cifar_resnet20:../shared/models/cifar10_resnet20.th \
         --data ../shared/data/cifar10-jpeg/test [--limit N] [--attacks ddn] \
-        [--advlib alma,apgd-min,fmn,ddn,ddn-q] [--out results.json]
+        [--advlib alma,apgd-min,fmn,ddn,ddn-q] [--offset K] [--out results.json]
+    python benchmarks/whitebox_minimal.py --merge part1.json part2.json ... [--out merged.json]
 
 Needs the bench extra (`pip install -e .[bench]`) and, for `--advlib`, adv-lib
 (`pip install --no-deps adv-lib==0.2.8`, see advlib_baselines.py). Prints a markdown table for
 docs/benchmarks.md, and the issue-13 speed bar: flipback's 8-bit speed against the fastest
 anchor whose 8-bit median is within 2% of the best anchor's. Speed is measured in this one
 run, attack by attack.
+
+The anchors run at about half an image per second on two CPU cores, so the full set of errors
+can be split into runs (`--offset K --limit N`: errors K to K+N-1) whose `--out` files keep each
+row's per-image L2 (null where not corrected) and are written after every attack, so a stopped
+run keeps what it finished. `--merge` joins such files row by row (the images of the runs must
+not overlap) and prints the table of the whole: success and median over all the images, speed
+as images over the summed seconds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -38,23 +47,89 @@ def _med(v: torch.Tensor) -> float:
     return float(v.median()) if len(v) else float("nan")
 
 
+def _per_image(l2: torch.Tensor) -> list[float | None]:
+    return [float(v) if math.isfinite(v) else None for v in l2.tolist()]
+
+
+def merge(parts: list[dict]) -> dict:
+    """Join runs over disjoint slices of the same errors, row by row (a row is kept only if
+    every part has it). Success and median are recomputed from the per-image L2s; speed is all
+    the images over all the seconds."""
+    spans = sorted((p["offset"], p["offset"] + p["n_images"]) for p in parts)
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        if start < end:
+            raise SystemExit(f"runs overlap: one ends at error {end}, the next starts at {start}")
+    names = [r["attack"] for r in parts[0]["rows"]]
+    rows = []
+    for name in names:
+        found = [next((r for r in p["rows"] if r["attack"] == name), None) for p in parts]
+        if any(f is None for f in found):
+            continue
+        l2 = torch.tensor([math.nan if v is None else v for f in found for v in f["l2"]], dtype=torch.float64)
+        n = len(l2)
+        secs = sum(f["seconds"] for f in found)
+        row = {k: v for k, v in found[0].items() if k not in ("l2", "success", "median_l2", "seconds", "images_per_second", "mean_queries")}
+        row.update(success=float(torch.isfinite(l2).double().mean()), median_l2=_med(l2),
+                   mean_queries=sum(f["mean_queries"] * len(f["l2"]) for f in found) / n,
+                   seconds=secs, images_per_second=n / secs, l2=_per_image(l2))
+        rows.append(row)
+    gaps = [f"{a}-{b}" for (_, a), (b, _) in zip(spans, spans[1:]) if b > a]
+    return {"n_images": sum(p["n_images"] for p in parts), "offset": spans[0][0], "gaps": gaps,
+            "rows": rows, "speed_bar": speed_bar(rows)}
+
+
+def print_table(result: dict) -> None:
+    rows = result["rows"]
+    ddn = next((r for r in rows if r["attack"].startswith("foolbox ddn") and r["pixels"] == "float"), None)
+    print(f"{result['n_images']} misclassified images from error {result['offset']}, {torch.get_num_threads()} threads\n")
+    print("| attack | pixels | success | median L2 | queries/image | img/s | speed vs Foolbox DDN |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['images_per_second'] / ddn['images_per_second']:.1f}x" if ddn else ""
+        print(f"| {r['attack']} | {r['pixels']} | {r['success']:.2%} | {r['median_l2']:.4f} | "
+              f"{r['mean_queries']:.1f} | {r['images_per_second']:.2f} | {ratio} |")
+    bar = result["speed_bar"]
+    if bar:
+        print(f"\nAnchors on 8-bit images (best of rounded / scale-then-round, 100% success): best median "
+              f"{bar['best_median']:.4f}; within 2% of it: {', '.join(bar['within_2pct'])}; fastest of those: "
+              f"{bar['fastest']} at {bar['fastest_ips']:.2f} img/s. flipback minimal (uint8): median "
+              f"{bar['flipback_median']:.4f} at {bar['speed_ratio']:.1f}x that speed.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--limit", type=int, default=None, help="first N misclassified images")
+    ap.add_argument("--model")
+    ap.add_argument("--data")
+    ap.add_argument("--limit", type=int, default=None, help="first N misclassified images (after --offset)")
+    ap.add_argument("--offset", type=int, default=0, help="skip the first K misclassified images")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, help="join earlier --out files instead of running")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--attacks", default="ddn,fmn,fmn-fixed", help="Foolbox attacks ('' for none)")
     ap.add_argument("--advlib", default="", help="adv-lib attacks, e.g. alma,apgd-min,fmn,ddn,ddn-q")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.merge:
+        result = merge([json.loads(p.read_text()) for p in args.merge])
+        print_table(result)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1))
+        return
+    if not (args.model and args.data):
+        ap.error("--model and --data are needed unless --merge is given")
 
     ds = load_dataset(args.data)
     model = load_model(args.model, ds.num_classes).module
     target = WhiteBoxTarget(model, ds.num_classes)
-    idx = predict_dataset(lambda b: target.predict(b, counted=False), ds, show_progress=False).misclassified[: args.limit]
+    idx = predict_dataset(lambda b: target.predict(b, counted=False), ds, show_progress=False).misclassified
+    idx = idx[args.offset:][: args.limit]
     x, y = to_tensor(ds.images[idx]), torch.from_numpy(ds.labels[idx])
     rows = []
+
+    def save() -> None:
+        if args.out:
+            result = {"n_images": len(x), "offset": args.offset, "rows": rows, "speed_bar": speed_bar(rows)}
+            args.out.write_text(json.dumps(result, indent=1))
+
     for pixels in ("uint8", "float"):
         t0 = time.perf_counter()
         # Batches of 256, as Foolbox's runs below and `flipback explain` use.
@@ -67,7 +142,9 @@ def main() -> None:
         rows.append({"attack": f"flipback minimal ({pixels})", "pixels": pixels,
                      "success": float(r.success.float().mean()), "median_l2": _med(l2),
                      "mean_queries": float(r.queries.float().mean()), "seconds": secs,
-                     "images_per_second": len(x) / secs})
+                     "images_per_second": len(x) / secs, "l2": _per_image(l2)})
+    save()
+
     def anchor_rows(label: str, res: dict, queries: float) -> None:
         common = {"mean_queries": queries, "seconds": res["seconds"], "images_per_second": res["images_per_second"],
                   "anchor": label}
@@ -75,7 +152,8 @@ def main() -> None:
                                   ("scaled", "uint8", ", scale-then-round")):
             rows.append({"attack": label + how, "pixels": pixels, "judged": kind,
                          "success": float(res[f"success_{kind}"].float().mean()),
-                         "median_l2": _med(res[f"l2_{kind}"]), **common})
+                         "median_l2": _med(res[f"l2_{kind}"]), "l2": _per_image(res[f"l2_{kind}"]), **common})
+        save()
 
     for name in filter(None, args.attacks.split(",")):
         anchor_rows(f"foolbox {name}-{args.steps}", run_foolbox(model, x, y, name, steps=args.steps), float(args.steps))
@@ -84,22 +162,8 @@ def main() -> None:
         for name in args.advlib.split(","):
             anchor_rows(f"adv-lib {name}", run_advlib(model, x, y, name), float(GRADIENTS[name]))
 
-    ddn = next((r for r in rows if r["attack"].startswith("foolbox ddn") and r["pixels"] == "float"), None)
-    print(f"{len(x)} misclassified images, {torch.get_num_threads()} threads\n")
-    print("| attack | pixels | success | median L2 | queries/image | img/s | speed vs Foolbox DDN |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        ratio = r["images_per_second"] / ddn["images_per_second"] if ddn else float("nan")
-        print(f"| {r['attack']} | {r['pixels']} | {r['success']:.2%} | {r['median_l2']:.4f} | "
-              f"{r['mean_queries']:.1f} | {r['images_per_second']:.2f} | {ratio:.1f}x |")
-    bar = speed_bar(rows)
-    if bar:
-        print(f"\nAnchors on 8-bit images (best of rounded / scale-then-round, 100% success): best median "
-              f"{bar['best_median']:.4f}; within 2% of it: {', '.join(bar['within_2pct'])}; fastest of those: "
-              f"{bar['fastest']} at {bar['fastest_ips']:.2f} img/s. flipback minimal (uint8): median "
-              f"{bar['flipback_median']:.4f} at {bar['speed_ratio']:.1f}x that speed.")
-    if args.out:
-        args.out.write_text(json.dumps({"n_images": len(x), "rows": rows, "speed_bar": bar}, indent=2))
+    save()
+    print_table({"n_images": len(x), "offset": args.offset, "rows": rows, "speed_bar": speed_bar(rows)})
 
 
 def speed_bar(rows: list[dict]) -> dict | None:
