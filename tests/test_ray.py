@@ -322,7 +322,8 @@ def test_actor_sigkilled_mid_run_loses_no_image_and_counts_none_twice(cluster, s
     assert ray_summary["actors_lost"] >= 1 and ray_summary["batches_retried"] >= 1
     ref_summary = json.loads((ref_out / "summary.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("n_images", "n_misclassified", "n_explained", "n_corrected", "mean_queries", "median_l2"):
+    for key in ("n_images", "n_misclassified", "n_explained", "n_corrected", "mean_queries", "median_l2",
+                "method", "budget", "pixels", "options"):
         assert summary[key] == ref_summary[key], key
 
 
@@ -466,7 +467,8 @@ def test_cifar10_subset_ray_run_is_identical_to_the_local_run(mode, cluster, cif
     assert summary["ray"]["actors"] == 2 and summary["ray"]["nodes"] in (1, 2) and summary["ray"]["batch_size"] == 8
     assert summary["ray"]["actors_write_run_folder"]
     local_summary = json.loads((tmp_path / "local" / "summary.json").read_text())
-    for key in ("n_images", "accuracy", "n_misclassified", "n_corrected", "mean_queries", "median_l2", "confusion"):
+    for key in ("n_images", "accuracy", "n_misclassified", "n_corrected", "mean_queries", "median_l2", "confusion",
+                "method", "budget", "pixels", "options"):
         assert summary[key] == local_summary[key], key
 
 
