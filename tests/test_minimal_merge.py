@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("foolbox")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from whitebox_minimal import merge  # noqa: E402
+from whitebox_minimal import merge, paired_median  # noqa: E402
 
 
 def _part(offset, own, anchor, seconds):
@@ -35,8 +35,12 @@ def test_merge_equals_the_whole_set():
     # torch's median of an even count is the lower middle: 0.25 of [0.15, 0.25, 0.35, 0.45]
     assert anchor["success"] == pytest.approx(0.8) and anchor["median_l2"] == pytest.approx(0.25)
     assert own["images_per_second"] == pytest.approx(5 / 4.0)
+    assert own["l2"] == [0.1, 0.3, 0.2, 0.5, 0.4]  # in the errors' order
     # the anchor misses one image, so it does not count for the speed bar (100% success only)
     assert out["speed_bar"] is None
+    # flipback on the four images the anchor corrected: 0.1, 0.2, 0.5, 0.4 -> lower middle 0.2
+    assert paired_median(out["rows"], anchor) == pytest.approx(0.2)
+    assert paired_median(out["rows"], own) is None
 
 
 def test_rows_missing_from_a_part_are_dropped_and_gaps_reported():
