@@ -93,6 +93,8 @@ def print_table(result: dict) -> None:
     rows = result["rows"]
     ddn = next((r for r in rows if r["attack"].startswith("foolbox ddn") and r["pixels"] == "float"), None)
     print(f"{result['n_images']} misclassified images from error {result['offset']}, {torch.get_num_threads()} threads\n")
+    if result.get("gaps"):
+        print(f"NOT CONTIGUOUS: errors {', '.join(result['gaps'])} are in no run\n")
     print("| attack | pixels | success | median L2 | flipback's median on the same images | queries/image | img/s "
           "| speed vs Foolbox DDN |")
     print("|---|---|---|---|---|---|---|---|")
