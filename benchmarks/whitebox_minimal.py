@@ -140,10 +140,12 @@ def main() -> None:
     x, y = to_tensor(ds.images[idx]), torch.from_numpy(ds.labels[idx])
     rows = []
 
-    def save() -> None:
+    def result() -> dict:
+        return {"n_images": len(x), "offset": args.offset, "rows": rows, "speed_bar": speed_bar(rows)}
+
+    def save() -> None:  # after every attack: a stopped run keeps what it finished
         if args.out:
-            result = {"n_images": len(x), "offset": args.offset, "rows": rows, "speed_bar": speed_bar(rows)}
-            args.out.write_text(json.dumps(result, indent=1))
+            args.out.write_text(json.dumps(result(), indent=1))
 
     for pixels in ("uint8", "float"):
         t0 = time.perf_counter()
@@ -177,8 +179,7 @@ def main() -> None:
         for name in args.advlib.split(","):
             anchor_rows(f"adv-lib {name}", run_advlib(model, x, y, name), float(GRADIENTS[name]))
 
-    save()
-    print_table({"n_images": len(x), "offset": args.offset, "rows": rows, "speed_bar": speed_bar(rows)})
+    print_table(result())  # (each attack's rows were saved as it finished)
 
 
 def speed_bar(rows: list[dict]) -> dict | None:
