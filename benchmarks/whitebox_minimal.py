@@ -65,6 +65,8 @@ def merge(parts: list[dict]) -> dict:
     for name in names:
         found = [next((r for r in p["rows"] if r["attack"] == name), None) for p in parts]
         if any(f is None for f in found):
+            missing = [p["offset"] for p, f in zip(parts, found) if f is None]
+            print(f"dropped {name!r}: the runs starting at errors {missing} lack it", file=sys.stderr)
             continue
         l2 = torch.tensor([math.nan if v is None else v for f in found for v in f["l2"]], dtype=torch.float64)
         n = len(l2)

@@ -43,13 +43,14 @@ def test_merge_equals_the_whole_set():
     assert paired_median(out["rows"], own) is None
 
 
-def test_rows_missing_from_a_part_are_dropped_and_gaps_reported():
+def test_rows_missing_from_a_part_are_dropped_and_gaps_reported(capsys):
     a = _part(0, [0.1, 0.2], [0.1, 0.2], seconds=1.0)
     b = _part(5, [0.3], [0.3], seconds=1.0)
     b["rows"] = b["rows"][:1]
     out = merge([a, b])
     assert [r["attack"] for r in out["rows"]] == ["flipback minimal (uint8)"]
     assert out["gaps"] == ["2-5"]
+    assert "dropped 'adv-lib fmn, scale-then-round': the runs starting at errors [5] lack it" in capsys.readouterr().err
     assert math.isclose(out["rows"][0]["median_l2"], 0.2)
 
 
