@@ -220,3 +220,26 @@ def test_cpu_batches_of_large_images_hold_at_most_16_images_at_224_px():
     assert memory.plan(net, "minimal", (3, 32, 32), cpu, max_memory="20G", batch_size=256).batch_size == 256
     assert memory.plan(net, "minimal", (3, 224, 224), cpu, max_memory="20G", batch_size=8).batch_size == 8
     assert big.predict_batch_size > 16  # forward-only prediction keeps its large batches
+
+
+def test_unit_step_grid_is_planned_for(monkeypatch):
+    """`minimal` with grid="steps" (or "both") ranks up to STEP_VALUES x STEP_LEVELS unit steps
+    per image: the plan counts them, so a cap that fits 4 images of scale-then-round fits fewer."""
+    from flipback.attacks.minimal import STEP_LEVELS, STEP_VALUES
+
+    net, cpu, shape = small_net(), torch.device("cpu"), (3, 224, 224)
+    _, scale = memory.estimate_per_image(net, "minimal", shape, cpu)
+    for grid in ("steps", "both"):
+        _, steps = memory.estimate_per_image(net, "minimal", shape, cpu, {"grid": grid})
+        assert steps - scale == STEP_VALUES * STEP_LEVELS * memory.UNIT_STEP_BYTES
+    assert memory.estimate_per_image(net, "minimal", shape, cpu, {"grid": "scale"})[1] == scale
+    assert memory.estimate_per_image(net, "fast", shape, cpu, {"grid": "steps"}) == memory.estimate_per_image(net, "fast", shape, cpu)
+    # 32 px: 3,072 values, fewer than STEP_VALUES
+    _, small_scale = memory.estimate_per_image(net, "minimal", (3, 32, 32), cpu)
+    _, small_steps = memory.estimate_per_image(net, "minimal", (3, 32, 32), cpu, {"grid": "steps"})
+    assert small_steps - small_scale == 3 * 32 * 32 * STEP_LEVELS * memory.UNIT_STEP_BYTES
+    monkeypatch.setattr(memory, "in_use", lambda device: 100 * 2**20)  # pinned: the cap is exact
+    cap = 100 * 2**20 + memory.RESERVE + 4 * scale + scale // 2
+    assert memory.plan(net, "minimal", shape, cpu, max_memory=cap, batch_size=8).batch_size == 4
+    assert memory.plan(net, "minimal", shape, cpu, max_memory=cap, batch_size=8,
+                       options={"grid": "steps"}).batch_size < 4

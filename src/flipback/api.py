@@ -106,7 +106,7 @@ def explain(model, images, labels, *, method: str = "minimal", pixels: str = "ui
     target = WhiteBoxTarget(model, k, dev)  # the model runs on `dev`, and the attack's tensors live there
     attack = make_attack(method, pixels=pixels, **options)
     batch_size = plan(target.module, method, tuple(x.shape[1:]), dev, max_memory=max_memory,
-                      batch_size=batch_size).batch_size
+                      batch_size=batch_size, options=options).batch_size
     out: list[Correction] = []
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]

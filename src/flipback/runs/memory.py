@@ -36,6 +36,11 @@ DEFAULT_FRACTION = 0.8
 #: Image-sized float32 tensors each method keeps per image (state, bounds, gradients, blurs).
 #: `minimal` black-box with scores also keeps its last 24 asked changes (attacks/shrink.py).
 STATE_COPIES = {"paper": 12, "fast": 16, "minimal": 52, "regions": 40}
+#: `minimal` with grid="steps" or "both" (attacks/minimal.py) ranks the unit steps of up to
+#: STEP_VALUES values and STEP_LEVELS levels per image: ratios, their int64 order, cumulative
+#: gains, masks. Measured (16 images at 224 px, a float change 86 levels deep, so the full 64
+#: levels): 307 MiB above scale-then-round's peak, 37 bytes per (value, level) pair.
+UNIT_STEP_BYTES = 40
 #: The model's saved activations, times this: their gradients and the forward's temporaries.
 AUTOGRAD_FACTOR = 2.0
 #: Kept free of batches on the CPU (and MPS): what a run loads after the plan (SciPy,
@@ -161,10 +166,14 @@ class MemoryPlan:
                 "batch_size": self.batch_size}
 
 
-def estimate_per_image(module: torch.nn.Module | None, method: str, shape_chw, device: torch.device) -> tuple[int, int]:
-    """(model bytes, model + attack bytes) for one image."""
+def estimate_per_image(module: torch.nn.Module | None, method: str, shape_chw, device: torch.device,
+                       options: dict | None = None) -> tuple[int, int]:
+    """(model bytes, model + attack bytes) for one image; `options` are the attack's."""
     c, h, w = shape_chw
     state = STATE_COPIES.get(method, max(STATE_COPIES.values())) * c * h * w * 4
+    if method == "minimal" and (options or {}).get("grid", "scale") != "scale":
+        from ..attacks.minimal import STEP_LEVELS, STEP_VALUES
+        state += min(STEP_VALUES, c * h * w) * STEP_LEVELS * UNIT_STEP_BYTES
     saved = saved_per_image(module, shape_chw, device) if module is not None else None
     model = int(AUTOGRAD_FACTOR * saved) + c * h * w * 4 if saved is not None else 0
     return model, model + state
@@ -179,11 +188,13 @@ def saved_per_image(module: torch.nn.Module, shape_chw, device: torch.device) ->
 
 
 def plan(module: torch.nn.Module | None, method: str, shape_chw, device: torch.device, *,
-         max_memory: str | int | None, batch_size: int, predict_batch_size: int = 500) -> MemoryPlan:
-    """The batch sizes that fit under the cap, or MemoryLimitError if not one image fits."""
+         max_memory: str | int | None, batch_size: int, predict_batch_size: int = 500,
+         options: dict | None = None) -> MemoryPlan:
+    """The batch sizes that fit under the cap, or MemoryLimitError if not one image fits.
+    `options`: the attack's keyword arguments (some change what it keeps per image)."""
     cap = parse_memory(max_memory)
     cap = default_cap(device) if cap is None else cap
-    model, per_image = estimate_per_image(module, method, shape_chw, device)
+    model, per_image = estimate_per_image(module, method, shape_chw, device, options)
     used = in_use(device)
     reserve = 0 if device.type == "cuda" else RESERVE  # libraries live in RAM, not on the GPU
     room = cap - used - reserve
@@ -286,7 +297,7 @@ def plan_for_engine(engine, cfg, shape_hwc) -> MemoryPlan:
     guide = engine.guide
     try:
         return plan(getattr(guide, "module", None), cfg.method, (c, h, w), getattr(guide, "device", torch.device("cpu")),
-                    max_memory=cfg.max_memory, batch_size=cfg.batch_size)
+                    max_memory=cfg.max_memory, batch_size=cfg.batch_size, options=cfg.options)
     except BaseException:
         engine.close()
         raise
