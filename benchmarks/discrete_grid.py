@@ -9,8 +9,8 @@ norm (the target's gradient at the corrected point) are taken back while the ima
 corrected, `prune_steps` queries. Rows: the float change itself (not an image, for
 reference), scale-then-round alone (prune_steps 0) and 2, 4 and 8 pruning steps, all on the
 same errors of the public ResNet-20, and the sweep of phase 2b (DDN's quantized steps from
-the 8-bit correction: steps, gamma, alpha) that chose its default; `--rows 'descent 10, gamma
-0.1'` runs a subset (';' between several). The default split is the train split's errors:
+the 8-bit correction: steps, gamma, alpha) that chose its default, and longer runs of it (30 to
+100 steps); `--rows 'descent 10, gamma 0.1'` runs a subset (';' between several). The default split is the train split's errors:
 settings are chosen there, never on test images.
 """
 
@@ -61,6 +61,13 @@ def main() -> None:
             for alpha in (0.3, 1.0, 3.0, 10.0, 30.0):
                 settings[f"descent {k}, gamma {gamma}, alpha {alpha} + prune 2"] = dict(
                     descent_steps=k, descent_gamma=gamma, descent_alpha=alpha, prune_steps=2)
+    # Longer phase 2b (issue 13: does it close the gap to DDN-1000 quantized?), the budget
+    # raised so that the steps and the pruning fit: `--rows 'descent 30;descent 60;descent 100'`.
+    for k in (30, 60, 100):
+        for gamma in (0.05, 0.02):
+            for alpha in (3.0, 10.0):
+                settings[f"descent {k}, gamma {gamma}, alpha {alpha} + prune 2"] = dict(
+                    descent_steps=k, descent_gamma=gamma, descent_alpha=alpha, prune_steps=2, max_queries=k + 40)
     if args.rows:
         settings = {k: v for k, v in settings.items() if any(r in k for r in args.rows.split(";"))}
     rows = []
