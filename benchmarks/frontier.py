@@ -46,8 +46,12 @@ def errors(split: str, limit: int, surrogate_meta: dict, spec: str = SPEC, data:
     net = load_model(spec, ds.num_classes).module.eval()
     skip = np.zeros(len(ds), dtype=bool)
     if split == "train":  # the images the surrogate was trained on are not validation data
-        rng = np.random.default_rng(surrogate_meta.get("seed", 0))
-        skip[rng.permutation(len(ds))[:surrogate_meta["queries"]]] = True
+        seed = surrogate_meta.get("seed", 0)
+        asked = np.random.default_rng(seed).permutation(len(ds))[:surrogate_meta["queries"]]
+        skip[asked] = True
+        if surrogate_meta.get("self_train"):  # nor those it labelled for itself (targets/surrogate.py)
+            unasked = np.setdiff1d(np.arange(len(ds)), asked)
+            skip[np.random.default_rng(seed + 1).permutation(unasked)[:surrogate_meta["self_train"]]] = True
     picked = []
     with torch.no_grad():
         for s in range(0, len(ds), 1000):

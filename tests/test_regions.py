@@ -260,7 +260,7 @@ def test_a_budget_too_small_to_measure_every_region_grows_regions_within_it():
 
 
 @pytest.mark.parametrize("mode", ["white-box", "scores", "label"])
-def test_images_a_removal_cannot_correct_get_a_free_change_and_say_so(mode):
+def test_images_a_removal_cannot_correct_get_a_free_change_and_say_so(mode, monkeypatch):
     # margin = 8 - (sum of cell (1, 2)). Image 0 has a bright patch there: blurring it away
     # corrects it. Image 1 is flat grey (margin -0.03): its blur is itself, so no removal can
     # change anything, but lowering the cell by eps can.
@@ -273,8 +273,14 @@ def test_images_a_removal_cannot_correct_get_a_free_change_and_say_so(mode):
         oracle = guide = WhiteBoxTarget(model, 2)
     else:
         oracle, guide = from_module(model, 2, output=mode), ModelGuide(model, 2)
+    import flipback.attacks.regions as regions_module
+
+    segmented = []  # the images segmented: the fallback reuses the first pass's regions
+    real_segment = regions_module.segment
+    monkeypatch.setattr(regions_module, "segment", lambda images, *a: segmented.append(len(images)) or real_segment(images, *a))
     r = RegionsAttack(segmentation="grid", n_segments=16).run(oracle, guide, x, y, torch.arange(2))
     assert r.success.all() and r.change == ["remove", "free"]
+    assert segmented == [2]
     assert (r.regions[:, 4:8, 8:12] == 1).all() and int(r.regions.max()) == 1
     assert (model(r.corrected).argmax(1) == 1).all()
     assert torch.equal(r.corrected, torch.round(r.corrected * 255) / 255)

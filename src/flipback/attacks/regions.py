@@ -205,14 +205,15 @@ class RegionsAttack(CorrectiveAttack):
 
     def run(self, oracle, guide, images, labels, ids=None, *, budget=None) -> AttackResult:
         call = self.start(oracle, guide, images, labels, ids, budget)
-        regions, importance, order = self._correct(call)
+        seg = segment(call.x0, self.segmentation, self.n_segments, self.compactness).flatten(1)  # (n, H*W) ids
+        regions, importance, order = self._correct(call, seg)
         change = [self.change] * len(call)
         if self.fallback is not None:
-            self._fall_back(call, regions, importance, order, change)
+            self._fall_back(call, seg, regions, importance, order, change)
         return call.result(regions=regions, importance=importance, order=order,
                            change=[c if ok else None for c, ok in zip(change, call.success.tolist())])
 
-    def _fall_back(self, call: AttackCall, regions, importance, order, change: list) -> None:
+    def _fall_back(self, call: AttackCall, seg, regions, importance, order, change: list) -> None:
         """Images the change could not correct get the method again with the fallback change
         (by default a free change within +-eps in the regions), with what budget each has left.
         A removal toward the blur is bounded by what the blur allows (a flat region has nothing
@@ -235,7 +236,10 @@ class RegionsAttack(CorrectiveAttack):
         if settings["max_regions"] is None:
             settings["max_regions"] = EVERY_REGION
         attack = RegionsAttack(**settings)
-        r = attack.run(call.oracle, call.guide, call.x0[rest], call.labels[rest], call.ids[rest.cpu()], budget=left)
+        sub = attack.start(call.oracle, call.guide, call.x0[rest], call.labels[rest], call.ids[rest.cpu()], left)
+        # The same regions as the first pass: its segmentation settings are this attack's.
+        r_regions, r_importance, r_order = attack._correct(sub, seg[rest])
+        r = sub.result(regions=r_regions, importance=r_importance, order=r_order)
         call.absorb_trace(rest, r.trace, call.queries[rest])
         call.queries[rest] += r.queries
         won = r.success.nonzero().squeeze(1)
@@ -246,14 +250,13 @@ class RegionsAttack(CorrectiveAttack):
         for i in rows.tolist():
             change[i] = self.fallback
 
-    def _correct(self, call: AttackCall):
-        """The method with this attack's own change: fills `call`, returns the maps
-        (regions, importance, order)."""
+    def _correct(self, call: AttackCall, seg: torch.Tensor):
+        """The method with this attack's own change on the regions `seg` ((n, H*W) ids): fills
+        `call`, returns the maps (regions, importance, order)."""
         limit = int(call.budget.max()) if len(call) else 0
         reserve = self._reserve(call)
         x0, dev = call.x0, call.device
         shape = x0.shape
-        seg = segment(x0, self.segmentation, self.n_segments, self.compactness).flatten(1)  # (n, H*W) ids
         n, s = len(x0), region_count(seg)
         everyone = torch.arange(n, device=dev)
         selected = torch.zeros(n, s, dtype=torch.bool, device=dev)
