@@ -9,9 +9,9 @@ norm (the target's gradient at the corrected point) are taken back while the ima
 corrected, `prune_steps` queries. Rows: the float change itself (not an image, for
 reference), scale-then-round alone (prune_steps 0) and 2, 4 and 8 pruning steps, all on the
 same errors of the public ResNet-20, and the sweep of phase 2b (DDN's quantized steps from
-the 8-bit correction: steps, gamma, alpha) that chose its default, and longer runs of it (30 to
-100 steps); `--rows 'descent 10, gamma 0.1'` runs a subset (';' between several). The default split is the train split's errors:
-settings are chosen there, never on test images.
+the 8-bit correction: steps, gamma, alpha) that chose its default, and longer runs of it (30
+to 100 steps); `--rows 'descent 10, gamma 0.1'` runs a subset (';' between several). The
+default split is the train split's errors: settings are chosen there, never on test images.
 """
 
 from __future__ import annotations
