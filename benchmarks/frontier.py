@@ -35,7 +35,7 @@ from flipback.runs.explain_run import concat_results
 from flipback.runs.errors import to_tensor
 from flipback.targets import ModelGuide, load_model
 from flipback.targets.blackbox import load_blackbox
-from flipback.targets.surrogate import load_surrogate
+from flipback.targets.surrogate import load_surrogate, self_train_images
 
 SPEC = "cifar_resnet20:../shared/models/cifar10_resnet20.th"
 DATA = "../shared/data/cifar10-jpeg"
@@ -49,9 +49,8 @@ def errors(split: str, limit: int, surrogate_meta: dict, spec: str = SPEC, data:
         seed = surrogate_meta.get("seed", 0)
         asked = np.random.default_rng(seed).permutation(len(ds))[:surrogate_meta["queries"]]
         skip[asked] = True
-        if surrogate_meta.get("self_train"):  # nor those it labelled for itself (targets/surrogate.py)
-            unasked = np.setdiff1d(np.arange(len(ds)), asked)
-            skip[np.random.default_rng(seed + 1).permutation(unasked)[:surrogate_meta["self_train"]]] = True
+        if surrogate_meta.get("self_train"):  # nor those it labelled for itself
+            skip[self_train_images(len(ds), asked, surrogate_meta["self_train"], seed)] = True
     picked = []
     with torch.no_grad():
         for s in range(0, len(ds), 1000):

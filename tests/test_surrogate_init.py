@@ -499,3 +499,28 @@ def test_cli_active_and_self_training_reach_the_file(world, tmp_path):
                               "--active", "0.5", "--init", _pretrain(tmp_path, 3, steps=5), "--out",
                               str(tmp_path / "t.th")])
     assert res.exit_code != 0 and "Traceback" not in res.output and "--init" in res.output
+
+
+def test_self_training_images_are_the_unasked_ones_and_reproducible(world, monkeypatch):
+    """`self_train_images` is what self-training labels (so validation can skip it): drawn from
+    the images never asked about, sorted, the same for the same seed."""
+    from flipback.data import load_dataset
+    from flipback.targets import surrogate as surrogate_module
+    from flipback.targets.surrogate import self_train_images
+
+    asked = np.array([3, 1, 7])
+    picked = self_train_images(10, asked, 4, seed=0)
+    assert len(picked) == 4 and list(picked) == sorted(picked) and not set(picked.tolist()) & {1, 3, 7}
+    assert np.array_equal(picked, self_train_images(10, asked, 4, seed=0))
+    assert self_train_images(10, asked, 100, seed=0).tolist() == [0, 2, 4, 5, 6, 8, 9]
+    # The images a real self-training run labels are exactly these.
+    target, data = world
+    ds = load_dataset(data, split="train")
+    labelled = []
+    real_outputs = surrogate_module._outputs
+    monkeypatch.setattr(surrogate_module, "_outputs",
+                        lambda model, d, rows, device="cpu": labelled.append(rows) or real_outputs(model, d, rows, device))
+    with load_blackbox(target, ds.num_classes, budget=40, input_shape=(3, SIZE, SIZE)) as bb:
+        train_surrogate(bb, ds, 40, members="cnn8", epochs=1, seed=1, self_train=50)
+    asked = np.sort(np.random.default_rng(1).permutation(len(ds))[:40])
+    assert len(labelled) == 1 and np.array_equal(labelled[0], self_train_images(len(ds), asked, 50, seed=1))

@@ -677,13 +677,19 @@ def _least_sure(members: list[nn.Module], ds: Dataset, asked: np.ndarray, n: int
     return np.sort(unasked[np.argsort(gap, kind="stable")[:n]])
 
 
+def self_train_images(n_images: int, asked: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The images self-training labels (sorted indices): `n` drawn at random (seed + 1) from
+    those never asked about. Validation on the train split skips them too (they were trained on)."""
+    unasked = np.setdiff1d(np.arange(n_images), asked)
+    return np.sort(np.random.default_rng(seed + 1).permutation(unasked)[:n])
+
+
 def _self_train(teacher: nn.Module, ds: Dataset, chosen: np.ndarray, train_idx: np.ndarray, targets: torch.Tensor,
                 soft: bool, n: int, *, members, epochs, lr, batches, flip, seed, progress, device, pool):
     """Fresh members fitted on the answers (positions `train_idx` of `chosen`) plus `n`
     unqueried images of `ds` labelled by `teacher` -> (members, images added). The images
     are drawn at random (seeded) from those never asked about; none is a query."""
-    unasked = np.setdiff1d(np.arange(len(ds)), chosen)
-    extra = np.sort(np.random.default_rng(seed + 1).permutation(unasked)[:n])
+    extra = self_train_images(len(ds), chosen, n, seed)
     if len(extra) == 0:
         return list(getattr(teacher, "members", [teacher])), 0
     logits = _outputs(teacher, ds, extra, device)
