@@ -41,16 +41,12 @@ SPEC = "cifar_resnet20:../shared/models/cifar10_resnet20.th"
 DATA = "../shared/data/cifar10-jpeg"
 
 
-def errors(split: str, limit: int, surrogate_meta: dict, spec: str = SPEC, data: str = DATA):
+def errors(split: str, limit: int, surrogate, spec: str = SPEC, data: str = DATA):
     ds = load_dataset(data, split=split, progress=False)
     net = load_model(spec, ds.num_classes).module.eval()
     skip = np.zeros(len(ds), dtype=bool)
     if split == "train":  # the images the surrogate was trained on are not validation data
-        seed = surrogate_meta.get("seed", 0)
-        asked = np.random.default_rng(seed).permutation(len(ds))[:surrogate_meta["queries"]]
-        skip[asked] = True
-        if surrogate_meta.get("self_train"):  # nor those it labelled for itself
-            skip[self_train_images(len(ds), asked, surrogate_meta["self_train"], seed)] = True
+        skip[fitted_images(surrogate, len(ds))] = True
     picked = []
     with torch.no_grad():
         for s in range(0, len(ds), 1000):
@@ -63,11 +59,26 @@ def errors(split: str, limit: int, surrogate_meta: dict, spec: str = SPEC, data:
     return to_tensor(ds.images[idx]), torch.from_numpy(ds.labels[idx]).long(), ds.num_classes
 
 
+def fitted_images(surrogate, n_images: int) -> np.ndarray:
+    """The train images `surrogate` was fitted on: asked about, or labelled by itself."""
+    if surrogate.trained_on is not None:  # saved with the file since it was kept
+        return surrogate.trained_on
+    # Files from before: train_surrogate's random draw, rebuilt (no --active choices in them).
+    meta = surrogate.meta
+    if meta.get("active"):
+        raise SystemExit("this surrogate file is older than its record of the images it was trained on, "
+                         "and --active chose some of them: retrain it for --split train")
+    seed = meta.get("seed", 0)
+    asked = np.random.default_rng(seed).permutation(n_images)[:meta["queries"]]
+    labelled = self_train_images(n_images, asked, meta["self_train"], seed) if meta.get("self_train") else []
+    return np.union1d(asked, labelled).astype(np.int64)
+
+
 def surrogate_and_errors(path: str, split: str, limit: int, spec: str = SPEC, data: str = DATA):
     """The surrogate file's guide and the target's first `limit` errors of `split` ->
     (target answers: "scores" or "label", guide, images, labels, class count)."""
     surrogate = load_surrogate(path)
-    x, y, k = errors(split, limit, surrogate.meta, spec, data)
+    x, y, k = errors(split, limit, surrogate, spec, data)
     return surrogate.meta["output"], ModelGuide(surrogate.module, k), x, y, k
 
 

@@ -485,6 +485,8 @@ def test_active_choice_asks_about_the_images_the_surrogate_is_least_sure_of(worl
     means = np.sort(to_tensor(ds.images[:]).mean((2, 3)).numpy(), 1)
     gap = means[:, -1] - means[:, -2]
     assert gap[chosen].mean() < 0.75 * gap[first].mean(), (gap[chosen].mean(), gap[first].mean())
+    # The surrogate keeps which images it asked about, the chosen ones included (validation skips them).
+    assert np.array_equal(s.trained_on, np.union1d(first, chosen))
 
 
 def test_cli_active_and_self_training_reach_the_file(world, tmp_path):
@@ -493,15 +495,18 @@ def test_cli_active_and_self_training_reach_the_file(world, tmp_path):
                               "--epochs", "1", "--members", "cnn8", "--active", "0.25", "--self-train", "100",
                               "--out", str(tmp_path / "s.th")])
     assert res.exit_code == 0, res.output
-    meta = load_surrogate(tmp_path / "s.th").meta
+    saved = load_surrogate(tmp_path / "s.th")
+    meta = saved.meta
     assert meta["queries"] == 40 and meta["active"] == 10 and meta["self_train"] == 100
+    # The file records the 40 images asked about and the 100 labelled by the surrogate itself.
+    assert len(saved.trained_on) == 140 and np.all(np.diff(saved.trained_on) > 0)
     res = runner.invoke(app, ["surrogate", "--target", target, "--data", str(data), "--budget", "40",
                               "--active", "0.5", "--init", _pretrain(tmp_path, 3, steps=5), "--out",
                               str(tmp_path / "t.th")])
     assert res.exit_code != 0 and "Traceback" not in res.output and "--init" in res.output
 
 
-def test_self_training_images_are_the_unasked_ones_and_reproducible(world, monkeypatch):
+def test_self_training_images_are_the_unasked_ones_and_reproducible(world, monkeypatch, tmp_path):
     """`self_train_images` is what self-training labels (so validation can skip it): drawn from
     the images never asked about, sorted, the same for the same seed."""
     from flipback.data import load_dataset
@@ -521,6 +526,10 @@ def test_self_training_images_are_the_unasked_ones_and_reproducible(world, monke
     monkeypatch.setattr(surrogate_module, "_outputs",
                         lambda model, d, rows, device="cpu": labelled.append(rows) or real_outputs(model, d, rows, device))
     with load_blackbox(target, ds.num_classes, budget=40, input_shape=(3, SIZE, SIZE)) as bb:
-        train_surrogate(bb, ds, 40, members="cnn8", epochs=1, seed=1, self_train=50)
+        s = train_surrogate(bb, ds, 40, members="cnn8", epochs=1, seed=1, self_train=50)
     asked = np.sort(np.random.default_rng(1).permutation(len(ds))[:40])
     assert len(labelled) == 1 and np.array_equal(labelled[0], self_train_images(len(ds), asked, 50, seed=1))
+    # ... and the surrogate keeps both sets, which survive saving.
+    assert np.array_equal(s.trained_on, np.union1d(asked, labelled[0]))
+    save_surrogate(s, tmp_path / "s.th")
+    assert np.array_equal(load_surrogate(tmp_path / "s.th").trained_on, s.trained_on)

@@ -56,6 +56,10 @@ INIT_LR_SCALE = 0.1
 class Surrogate:
     module: torch.nn.Module  # takes [0,1] NCHW pixels, returns logits
     meta: dict  # members, num_classes, input_shape, queries, agreement, target, output, split, ...
+    # Sorted indices into the training data set of every image it was fitted on or held out
+    # with: the images asked about (random and --active ones) and those it labelled for itself.
+    # Validation on that data set must skip them. None for files saved before it was kept.
+    trained_on: np.ndarray | None = None
 
 
 def as_probabilities(scores: torch.Tensor) -> torch.Tensor:
@@ -618,11 +622,13 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
     held_x, held_labels = QueriedImages(ds.images, chosen[hold_idx]), labels[hold_idx]
     if self_train > 0:
         extra["teacher_agreement"] = agreement(model, held_x, held_labels)
-        built, n_pseudo = _self_train(model, ds, chosen, train_idx, probs if soft else labels, soft, self_train,
+        built, labelled = _self_train(model, ds, chosen, train_idx, probs if soft else labels, soft, self_train,
                                       members=members, epochs=epochs, lr=lr, batches=batches, flip=flip and c == 3,
                                       seed=seed, progress=progress, device=device, pool=pool)
         model = built[0] if len(built) == 1 else SurrogateEnsemble(built).eval()
-        extra["self_train"] = n_pseudo
+        extra["self_train"] = len(labelled)
+    else:
+        labelled = np.zeros(0, dtype=np.int64)
     meta = {"members": list(members), "num_classes": ds.num_classes, "input_shape": [c, h, w],
             "classes": list(ds.classes), "queries": int(n), "held_out": int(n_hold),
             "agreement": agreement(model, held_x, held_labels),
@@ -638,7 +644,7 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
         # Which weights the init member kept (0: the probe's, no fine-tuning) and why.
         meta["init_val_agreement"] = chosen_epochs.get("val_agreement")
         meta["init_kept_epoch"] = chosen_epochs.get("kept_epoch")
-    return Surrogate(model, meta)
+    return Surrogate(model, meta, trained_on=np.union1d(chosen, labelled).astype(np.int64))
 
 
 def _fit_scratch(members, ds: Dataset, x_all, fit_idx: np.ndarray, targets: torch.Tensor, soft: bool, *,
@@ -687,25 +693,28 @@ def self_train_images(n_images: int, asked: np.ndarray, n: int, seed: int) -> np
 def _self_train(teacher: nn.Module, ds: Dataset, chosen: np.ndarray, train_idx: np.ndarray, targets: torch.Tensor,
                 soft: bool, n: int, *, members, epochs, lr, batches, flip, seed, progress, device, pool):
     """Fresh members fitted on the answers (positions `train_idx` of `chosen`) plus `n`
-    unqueried images of `ds` labelled by `teacher` -> (members, images added). The images
-    are drawn at random (seeded) from those never asked about; none is a query."""
+    unqueried images of `ds` labelled by `teacher` -> (members, indices of the images added).
+    The images are drawn at random (seeded) from those never asked about; none is a query."""
     extra = self_train_images(len(ds), chosen, n, seed)
     if len(extra) == 0:
-        return list(getattr(teacher, "members", [teacher])), 0
+        return list(getattr(teacher, "members", [teacher])), extra
     logits = _outputs(teacher, ds, extra, device)
     pseudo = torch.softmax(logits, 1) if soft else logits.argmax(1)
     x_all = QueriedImages(ds.images, np.concatenate([chosen, extra]))
     all_targets = torch.cat([targets, pseudo.to(targets.dtype)])
     fit_idx = np.concatenate([train_idx, len(chosen) + np.arange(len(extra))])
     return _fit_scratch(members, ds, x_all, fit_idx, all_targets, soft, epochs=epochs, lr=lr, batches=batches,
-                        flip=flip, seed=seed, progress=progress, device=device, pool=pool), len(extra)
+                        flip=flip, seed=seed, progress=progress, device=device, pool=pool), extra
 
 
 def save_surrogate(s: Surrogate, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": s.module.state_dict(), "meta": s.meta}, tmp)
+    obj = {"state_dict": s.module.state_dict(), "meta": s.meta}
+    if s.trained_on is not None:
+        obj["trained_on"] = torch.from_numpy(np.asarray(s.trained_on, dtype=np.int64))
+    torch.save(obj, tmp)
     tmp.replace(path)
     return path
 
@@ -726,6 +735,7 @@ def load_surrogate(path: Path, *, trust_model: bool = False) -> Surrogate:
                                 input_shape=meta["input_shape"], trust_code=trust_model,
                                 pool=int(meta.get("member_pool", 1)))
         model.load_state_dict(obj["state_dict"])
+        trained_on = obj["trained_on"].numpy() if "trained_on" in obj else None
     except ModelError as exc:
         if "init" not in meta:
             raise ModelError(f"{path} is not a flipback surrogate (ModelError: {exc})") from None
@@ -736,4 +746,4 @@ def load_surrogate(path: Path, *, trust_model: bool = False) -> Surrogate:
     except Exception as exc:
         raise ModelError(f"cannot read surrogate {path}: {exc}") from None
     meta.setdefault("split", "unknown")  # files from before the split was recorded
-    return Surrogate(model.eval(), meta)
+    return Surrogate(model.eval(), meta, trained_on=trained_on)
