@@ -122,7 +122,7 @@ def test_the_estimate_follows_the_model_and_the_image_size():
     model224, total224 = memory.estimate_per_image(net, "regions", (3, 224, 224), torch.device("cpu"))
     model112, _ = memory.estimate_per_image(net, "regions", (3, 112, 112), torch.device("cpu"))
     assert 3.5 < model224 / model112 < 4.5  # activations grow with the area
-    assert total224 - model224 == memory.STATE_COPIES["regions"] * 3 * 224 * 224 * 4
+    assert total224 - model224 == RegionsAttack.state_copies * 3 * 224 * 224 * 4
 
 
 def test_a_cap_that_cannot_hold_one_image_is_one_clear_error():
@@ -225,21 +225,34 @@ def test_cpu_batches_of_large_images_hold_at_most_16_images_at_224_px():
 def test_unit_step_grid_is_planned_for(monkeypatch):
     """`minimal` with grid="steps" (or "both") ranks up to STEP_VALUES x STEP_LEVELS unit steps
     per image: the plan counts them, so a cap that fits 4 images of scale-then-round fits fewer."""
-    from flipback.attacks.minimal import STEP_LEVELS, STEP_VALUES
+    from flipback.attacks.minimal import STEP_LEVELS, STEP_VALUES, UNIT_STEP_BYTES
 
     net, cpu, shape = small_net(), torch.device("cpu"), (3, 224, 224)
     _, scale = memory.estimate_per_image(net, "minimal", shape, cpu)
     for grid in ("steps", "both"):
         _, steps = memory.estimate_per_image(net, "minimal", shape, cpu, {"grid": grid})
-        assert steps - scale == STEP_VALUES * STEP_LEVELS * memory.UNIT_STEP_BYTES
+        assert steps - scale == STEP_VALUES * STEP_LEVELS * UNIT_STEP_BYTES
     assert memory.estimate_per_image(net, "minimal", shape, cpu, {"grid": "scale"})[1] == scale
     assert memory.estimate_per_image(net, "fast", shape, cpu, {"grid": "steps"}) == memory.estimate_per_image(net, "fast", shape, cpu)
     # 32 px: 3,072 values, fewer than STEP_VALUES
     _, small_scale = memory.estimate_per_image(net, "minimal", (3, 32, 32), cpu)
     _, small_steps = memory.estimate_per_image(net, "minimal", (3, 32, 32), cpu, {"grid": "steps"})
-    assert small_steps - small_scale == 3 * 32 * 32 * STEP_LEVELS * memory.UNIT_STEP_BYTES
+    assert small_steps - small_scale == 3 * 32 * 32 * STEP_LEVELS * UNIT_STEP_BYTES
     monkeypatch.setattr(memory, "in_use", lambda device: 100 * 2**20)  # pinned: the cap is exact
     cap = 100 * 2**20 + memory.RESERVE + 4 * scale + scale // 2
     assert memory.plan(net, "minimal", shape, cpu, max_memory=cap, batch_size=8).batch_size == 4
     assert memory.plan(net, "minimal", shape, cpu, max_memory=cap, batch_size=8,
                        options={"grid": "steps"}).batch_size < 4
+
+
+def test_a_method_says_what_it_keeps_and_an_unknown_one_is_planned_as_the_largest():
+    """Each attack class states its per-image state; the planner asks it, and falls back on the
+    base class's figure (the largest built-in one) for a method it does not know."""
+    from flipback.attacks import ATTACKS, CorrectiveAttack
+
+    net, cpu, shape = small_net(), torch.device("cpu"), (1, 28, 28)
+    model, _ = memory.estimate_per_image(net, "fast", shape, cpu)
+    for name, cls in ATTACKS.items():
+        assert memory.estimate_per_image(net, name, shape, cpu)[1] - model == cls.state_copies * 28 * 28 * 4
+    assert CorrectiveAttack.state_copies == max(cls.state_copies for cls in ATTACKS.values())
+    assert memory.estimate_per_image(net, "someone-elses", shape, cpu)[1] - model == CorrectiveAttack.state_copies * 28 * 28 * 4

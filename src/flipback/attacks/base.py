@@ -286,6 +286,10 @@ class CorrectiveAttack:
     name: ClassVar[str] = ""
     modes: ClassVar[tuple[str, ...]] = MODES
     max_queries: int | None = None
+    #: Image-sized float32 tensors the method keeps per image (state, bounds, gradients, blurs),
+    #: for the memory planner (runs/memory.py). A new method without its own figure is planned
+    #: as the largest of the built-in ones.
+    state_copies: ClassVar[int] = 52
 
     def __init__(self, *, pixels: str = "uint8"):
         if pixels not in PIXELS:
@@ -296,6 +300,13 @@ class CorrectiveAttack:
         """The per-image budget of a call, with a free guide (a surrogate) or a paid one, on
         images of `shape` (H, W) where the method's default depends on it."""
         return self.max_queries
+
+    @classmethod
+    def state_bytes(cls, shape_chw: tuple[int, int, int], options: dict | None = None) -> int:
+        """Bytes of attack state per image of `shape_chw` (C, H, W), made with these keyword
+        `options`: what the memory planner budgets for it beside the model."""
+        c, h, w = shape_chw
+        return cls.state_copies * c * h * w * 4
 
     def run(self, oracle, guide, images: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor | None = None, *,
             budget: torch.Tensor | None = None) -> AttackResult:

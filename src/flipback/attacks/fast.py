@@ -45,6 +45,7 @@ def log_probabilities(scores: torch.Tensor) -> torch.Tensor:
 
 class FastAttack(CorrectiveAttack):
     name = "fast"
+    state_copies = 16
 
     def __init__(self, *, overshoot: float = 3.0, confidence: float = 4.0, step: float = 1 / 255,
                  inner_steps: int = 64, l2_rounds: int = 3, direction: str = "auto", max_queries: int = 20,

@@ -19,6 +19,7 @@ from .base import AttackResult, CorrectiveAttack, to_grid
 
 class PaperAttack(CorrectiveAttack):
     name = "paper"
+    state_copies = 12
 
     def __init__(self, *, step: float = 1 / 255, max_steps: int = 20, pixels: str = "uint8"):
         super().__init__(pixels=pixels)

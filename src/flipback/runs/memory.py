@@ -14,8 +14,8 @@ faster than larger batches), where the bytes per image are estimated once per ru
   itself (one forward pass of 1 and one of 2 blank images, not counted as queries; the
   difference leaves out the weights), times 2 for the gradients and the forward pass's
   temporaries;
-- the attack: the image-sized tensors its method keeps per image (`STATE_COPIES`, float32
-  copies of the image, measured on `regions` at 224 px: about 30, rounded up).
+- the attack: what its method says it keeps per image (`CorrectiveAttack.state_bytes`: a
+  number of float32 copies of the image, `state_copies`, and what its options add).
 RESERVE (256 MiB, on the CPU and MPS only) is kept for what a run loads after the plan.
 Prediction of the data set (forward passes only, no backward) uses the model's part alone.
 If the cap cannot hold one image, the run stops with `MemoryLimitError` before its first batch.
@@ -33,14 +33,6 @@ from ..errors import FlipbackError
 
 #: The default cap, as a fraction of the memory the process could use when the run starts.
 DEFAULT_FRACTION = 0.8
-#: Image-sized float32 tensors each method keeps per image (state, bounds, gradients, blurs).
-#: `minimal` black-box with scores also keeps its last 24 asked changes (attacks/shrink.py).
-STATE_COPIES = {"paper": 12, "fast": 16, "minimal": 52, "regions": 40}
-#: `minimal` with grid="steps" or "both" (attacks/minimal.py) ranks the unit steps of up to
-#: STEP_VALUES values and STEP_LEVELS levels per image: ratios, their int64 order, cumulative
-#: gains, masks. Measured (16 images at 224 px, a float change 86 levels deep, so the full 64
-#: levels): 307 MiB above scale-then-round's peak, 37 bytes per (value, level) pair.
-UNIT_STEP_BYTES = 40
 #: The model's saved activations, times this: their gradients and the forward's temporaries.
 AUTOGRAD_FACTOR = 2.0
 #: Kept free of batches on the CPU (and MPS): what a run loads after the plan (SciPy,
@@ -169,11 +161,10 @@ class MemoryPlan:
 def estimate_per_image(module: torch.nn.Module | None, method: str, shape_chw, device: torch.device,
                        options: dict | None = None) -> tuple[int, int]:
     """(model bytes, model + attack bytes) for one image; `options` are the attack's."""
+    from ..attacks import ATTACKS, CorrectiveAttack  # here: attacks import targets, which import this module
+
     c, h, w = shape_chw
-    state = STATE_COPIES.get(method, max(STATE_COPIES.values())) * c * h * w * 4
-    if method == "minimal" and (options or {}).get("grid", "scale") != "scale":
-        from ..attacks.minimal import STEP_LEVELS, STEP_VALUES
-        state += min(STEP_VALUES, c * h * w) * STEP_LEVELS * UNIT_STEP_BYTES
+    state = ATTACKS.get(method, CorrectiveAttack).state_bytes(tuple(shape_chw), options)
     saved = saved_per_image(module, shape_chw, device) if module is not None else None
     model = int(AUTOGRAD_FACTOR * saved) + c * h * w * 4 if saved is not None else 0
     return model, model + state
