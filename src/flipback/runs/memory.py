@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..attacks import ATTACKS, CorrectiveAttack
 from ..errors import FlipbackError
 
 #: The default cap, as a fraction of the memory the process could use when the run starts.
@@ -161,8 +162,6 @@ class MemoryPlan:
 def estimate_per_image(module: torch.nn.Module | None, method: str, shape_chw, device: torch.device,
                        options: dict | None = None) -> tuple[int, int]:
     """(model bytes, model + attack bytes) for one image; `options` are the attack's."""
-    from ..attacks import ATTACKS, CorrectiveAttack  # here: attacks import targets, which import this module
-
     c, h, w = shape_chw
     state = ATTACKS.get(method, CorrectiveAttack).state_bytes(tuple(shape_chw), options)
     saved = saved_per_image(module, shape_chw, device) if module is not None else None
