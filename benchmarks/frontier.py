@@ -41,12 +41,15 @@ SPEC = "cifar_resnet20:../shared/models/cifar10_resnet20.th"
 DATA = "../shared/data/cifar10-jpeg"
 
 
-def errors(split: str, limit: int, surrogate, spec: str = SPEC, data: str = DATA):
+def errors(split: str, limit: int, surrogates, spec: str = SPEC, data: str = DATA):
+    """The target's first `limit` errors of `split`; on the train split, none that any of
+    `surrogates` was fitted on (several: compare them on the same validation errors)."""
     ds = load_dataset(data, split=split, progress=False)
     net = load_model(spec, ds.num_classes).module.eval()
     skip = np.zeros(len(ds), dtype=bool)
     if split == "train":  # the images the surrogate was trained on are not validation data
-        skip[fitted_images(surrogate, len(ds))] = True
+        for s in surrogates:
+            skip[fitted_images(s, len(ds))] = True
     picked = []
     with torch.no_grad():
         for s in range(0, len(ds), 1000):
@@ -74,11 +77,12 @@ def fitted_images(surrogate, n_images: int) -> np.ndarray:
     return np.union1d(asked, labelled).astype(np.int64)
 
 
-def surrogate_and_errors(path: str, split: str, limit: int, spec: str = SPEC, data: str = DATA):
+def surrogate_and_errors(path: str, split: str, limit: int, spec: str = SPEC, data: str = DATA, also=()):
     """The surrogate file's guide and the target's first `limit` errors of `split` ->
-    (target answers: "scores" or "label", guide, images, labels, class count)."""
+    (target answers: "scores" or "label", guide, images, labels, class count). On the train
+    split the errors skip the images of the surrogate files `also` too."""
     surrogate = load_surrogate(path)
-    x, y, k = errors(split, limit, surrogate, spec, data)
+    x, y, k = errors(split, limit, [surrogate, *map(load_surrogate, also)], spec, data)
     return surrogate.meta["output"], ModelGuide(surrogate.module, k), x, y, k
 
 
@@ -238,11 +242,15 @@ def main():
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                     help="also the plain binary search at each budget")
     ap.add_argument("--hsj", default="", help="HopSkipJump settings ITERxEVALS, comma-separated (needs ART)")
+    ap.add_argument("--also-skip", action="append", default=[], metavar="SURROGATE",
+                    help="with --split train: also skip the images this surrogate file was fitted on, so that "
+                         "runs with either surrogate explain the same validation errors (repeatable)")
     ap.add_argument("--csv")
     ap.add_argument("--plot", help="write the frontier (success and median L2 against mean queries) to this PNG")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    output, guide, x, y, k = surrogate_and_errors(args.surrogate, args.split, args.limit, args.model, args.data)
+    output, guide, x, y, k = surrogate_and_errors(args.surrogate, args.split, args.limit, args.model, args.data,
+                                                  args.also_skip)
     rows = []
     with load_blackbox(args.model, k, output=output) as target:
         start = Start(target, guide, x, y, args.confidence)
