@@ -7,7 +7,8 @@ For each size N it writes (once) a folder of N 28x28 gray PNGs in --root (defaul
 a fixed linear TorchScript model reads the stripes, so exactly the mislabelled images are its
 errors (200 of 10,000, 1,000 of 50,000). Then it runs `flipback --quiet explain --method fast
 --no-figures` twice in a fresh process each: "cold" decodes the folder into a fresh cache,
-"warm" reads that cache into a fresh run folder. Peak RSS is the child's ru_maxrss (os.wait4).
+"warm" reads that cache into a fresh run folder. Peak RSS is the child's ru_maxrss, read by a
+small launcher process (see `run`).
 Prints a Markdown table and writes it, with the raw figures, to --root/memory.json.
 """
 
@@ -20,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,24 +66,41 @@ class Stripes(torch.nn.Module):
         return x.flatten(1) @ self.w.t()
 
 
+# Linux keeps a process's peak RSS across exec: a child started straight from this process
+# (fork or vfork, then exec) reports at least this process's own peak, torch and all. So a small
+# Python launcher starts the command and reads its peak with wait4; the launcher's own size
+# (about 14 MiB) is then the floor of the figure, not this process's.
+LAUNCHER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(min(255, abs(os.waitstatus_to_exitcode(status))))
+"""
+
+
 def run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tuple[int, float, int]:
     """(exit code, seconds, peak RSS in bytes) of a child process; its output goes to `log`
     (stdout and stderr together) when given, else stderr is shown if it fails."""
     t0 = time.perf_counter()
     out = open(log, "w") if log else None
-    try:
-        proc = subprocess.Popen(cmd, env=env, stdout=out or subprocess.DEVNULL,
-                                stderr=subprocess.STDOUT if out else subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        if out:
-            out.close()
-    seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        err = f"see {log}" if log else proc.stderr.read().decode(errors="replace")
-        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
-    return proc.returncode, seconds, usage.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak"
+        try:
+            proc = subprocess.Popen([sys.executable, "-I", "-c", LAUNCHER, str(peak_file), *cmd], env=env,
+                                    stdout=out or subprocess.DEVNULL,
+                                    stderr=subprocess.STDOUT if out else subprocess.PIPE)
+            _, err_text = proc.communicate()
+        finally:
+            if out:
+                out.close()
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            err = f"see {log}" if log else err_text.decode(errors="replace")
+            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
+        peak_kib = int(peak_file.read_text())  # ru_maxrss is in KiB on Linux
+    return proc.returncode, seconds, peak_kib * 1024
 
 
 def main() -> None:
