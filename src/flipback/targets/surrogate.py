@@ -568,15 +568,7 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
     if budget < 10:
         raise FlipbackError(f"a surrogate needs a budget of at least 10 queries, got {budget}")
     pool = member_pool((c, h, w))
-    to_fit = []
-    for i, name in enumerate(members):
-        torch.manual_seed(seed + i)
-        if name == INIT_MEMBER:
-            # Its new head (if any) starts from this seed, as the other members do.
-            to_fit.append(Headed(pretrained.body, pretrained.head.in_features, ds.num_classes)
-                          if isinstance(pretrained, Headed) else pretrained)
-        else:
-            to_fit.append(build_member(name, ds.num_classes, c, pool=pool))
+    to_fit = _new_members(members, ds, pool, seed, pretrained)
     # Each member's training batch under the memory cap, before any query is spent: one that
     # cannot train on a single image stops the run here (MemoryLimitError), not the kernel later.
     dev = torch.device(device)
@@ -611,13 +603,10 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
     train_idx, hold_idx = np.sort(split[n_hold:]), np.sort(split[:n_hold])
     x_all = QueriedImages(ds.images, chosen)  # read a batch at a time
 
-    built, chosen_epochs = [], {}
-    for i, (name, member) in enumerate(zip(members, to_fit)):
-        built.append(_fit_member(member, x_all, train_idx,
-                                 probs if soft else labels, soft, epochs=epochs, lr=lr, batch_size=batches[i],
-                                 flip=flip and c == 3, seed=seed + i, progress=progress, device=device,
-                                 pretrained=name == INIT_MEMBER,
-                                 record=chosen_epochs if name == INIT_MEMBER else None))
+    chosen_epochs = {}
+    built = _fit_members(members, to_fit, x_all, train_idx, probs if soft else labels, soft, epochs=epochs, lr=lr,
+                         batches=batches, flip=flip and c == 3, seed=seed, progress=progress, device=device,
+                         record=chosen_epochs)
     model = built[0] if len(built) == 1 else SurrogateEnsemble(built).eval()
     held_x, held_labels = QueriedImages(ds.images, chosen[hold_idx]), labels[hold_idx]
     if self_train > 0:
@@ -647,16 +636,38 @@ def train_surrogate(target, ds: Dataset, budget: int, *, members=None, epochs: i
     return Surrogate(model, meta, trained_on=np.union1d(chosen, labelled).astype(np.int64))
 
 
-def _fit_scratch(members, ds: Dataset, x_all, fit_idx: np.ndarray, targets: torch.Tensor, soft: bool, *,
-                 epochs, lr, batches, flip, seed, progress, device, pool) -> list[nn.Module]:
-    """Fresh members (member i from seed + i, as train_surrogate's) fitted on `x_all[fit_idx]`."""
+def _new_members(members, ds: Dataset, pool: int, seed: int, pretrained=None) -> list[nn.Module]:
+    """Untrained members, member i built from seed + i; the --init member is `pretrained`
+    (its new head, if any, starts from its seed, as the other members do)."""
     built = []
     for i, name in enumerate(members):
         torch.manual_seed(seed + i)
-        member = build_member(name, ds.num_classes, ds.shape[2], pool=pool)
-        built.append(_fit_member(member, x_all, fit_idx, targets, soft, epochs=epochs, lr=lr,
-                                 batch_size=batches[i], flip=flip, seed=seed + i, progress=progress, device=device))
+        if name == INIT_MEMBER:
+            built.append(Headed(pretrained.body, pretrained.head.in_features, ds.num_classes)
+                         if isinstance(pretrained, Headed) else pretrained)
+        else:
+            built.append(build_member(name, ds.num_classes, ds.shape[2], pool=pool))
     return built
+
+
+def _fit_members(members, models, x_all, fit_idx: np.ndarray, targets: torch.Tensor, soft: bool, *,
+                 epochs, lr, batches, flip, seed, progress, device, record: dict | None = None) -> list[nn.Module]:
+    """Each of `models` (member i with seed + i) fitted on `x_all[fit_idx]`; the --init member
+    as a pretrained one, its kept epoch written to `record`. Fitting draws only from its own
+    seeded generator, so building every member first gives the same weights as building each
+    just before it trains."""
+    return [_fit_member(model, x_all, fit_idx, targets, soft, epochs=epochs, lr=lr, batch_size=batches[i],
+                        flip=flip, seed=seed + i, progress=progress, device=device, pretrained=name == INIT_MEMBER,
+                        record=record if name == INIT_MEMBER else None)
+            for i, (name, model) in enumerate(zip(members, models))]
+
+
+def _fit_scratch(members, ds: Dataset, x_all, fit_idx: np.ndarray, targets: torch.Tensor, soft: bool, *,
+                 epochs, lr, batches, flip, seed, progress, device, pool) -> list[nn.Module]:
+    """Fresh members (as train_surrogate builds them) fitted on `x_all[fit_idx]`."""
+    return _fit_members(members, _new_members(members, ds, pool, seed), x_all, fit_idx, targets, soft,
+                        epochs=epochs, lr=lr, batches=batches, flip=flip, seed=seed, progress=progress,
+                        device=device)
 
 
 def _outputs(model: nn.Module, ds: Dataset, rows: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
