@@ -31,8 +31,8 @@ done
 .venv/bin/python benchmarks/whitebox_minimal.py --merge "$OUT"/anchors-{0,475,950,1425}.json --out "$OUT/anchors-all.json"
 time .venv/bin/python benchmarks/whitebox_minimal.py --model $MODEL --data $DATA --attacks ddn --advlib ddn-q \
   --out "$OUT/ddnq-all.json"
-# 6. APGD minimum-norm and float DDN-1000 on all 1,897 errors, in five runs of 380 (the first took
-#    41 min on two quiet CPU cores), joined by --merge.
+# 6. APGD minimum-norm and float DDN-1000 on all 1,897 errors, in five runs of 380 (36 to 41 min each
+#    on two quiet CPU cores), joined by --merge.
 for off in 0 380 760 1140 1520; do
   time .venv/bin/python benchmarks/whitebox_minimal.py --model $MODEL --data $DATA --offset $off --limit 380 \
     --attacks '' --advlib apgd-min,ddn --out "$OUT/apgd-ddn-$off.json"
