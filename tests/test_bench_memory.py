@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from memory import run  # noqa: E402
@@ -23,10 +25,7 @@ def test_peak_is_the_childs_not_the_parents():
 
 def test_a_failing_child_stops_with_its_error(tmp_path):
     log = tmp_path / "log.txt"
-    try:
+    with pytest.raises(SystemExit) as stop:  # a failing child must stop the benchmark
         run([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], log=log)
-    except SystemExit as stop:
-        assert "failed (3)" in str(stop) and str(log) in str(stop)
-    else:
-        raise AssertionError("a failing child must stop the benchmark")
+    assert "failed (3)" in str(stop.value) and str(log) in str(stop.value)
     assert "boom" in log.read_text()
