@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,13 +71,13 @@ class Stripes(torch.nn.Module):
 # (fork or vfork, then exec) reports at least this process's own peak, torch and all. So a small
 # Python launcher starts the command and reads its peak with wait4; the launcher's own size
 # (about 14 MiB) is then the floor of the figure, not this process's.
+# It writes "peak_kib exit_code" (a child killed by signal N has exit code -N, as in subprocess).
 LAUNCHER = """
 import os, subprocess, sys
 child = subprocess.Popen(sys.argv[2:])
 _, status, usage = os.wait4(child.pid, 0)
 with open(sys.argv[1], "w") as f:
-    f.write(str(usage.ru_maxrss))
-sys.exit(min(255, abs(os.waitstatus_to_exitcode(status))))
+    f.write(f"{usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
 """
 
 
@@ -96,11 +97,14 @@ def run(cmd: list[str], env: dict | None = None, log: Path | None = None) -> tup
             if out:
                 out.close()
         seconds = time.perf_counter() - t0
-        if proc.returncode != 0:
-            err = f"see {log}" if log else err_text.decode(errors="replace")
-            sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
-        peak_kib = int(peak_file.read_text())  # ru_maxrss is in KiB on Linux
-    return proc.returncode, seconds, peak_kib * 1024
+        err = f"see {log}" if log else err_text.decode(errors="replace")
+        if proc.returncode != 0 or not peak_file.exists():  # the launcher itself failed
+            sys.exit(f"the launcher failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
+        peak_kib, code = (int(v) for v in peak_file.read_text().split())  # ru_maxrss is in KiB on Linux
+        if code != 0:
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            sys.exit(f"failed ({how}): {' '.join(cmd)}\n{err}")
+    return code, seconds, peak_kib * 1024
 
 
 def main() -> None:

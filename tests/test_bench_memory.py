@@ -27,5 +27,12 @@ def test_a_failing_child_stops_with_its_error(tmp_path):
     log = tmp_path / "log.txt"
     with pytest.raises(SystemExit) as stop:  # a failing child must stop the benchmark
         run([sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], log=log)
-    assert "failed (3)" in str(stop.value) and str(log) in str(stop.value)
+    assert "failed (exit code 3)" in str(stop.value) and str(log) in str(stop.value)
     assert "boom" in log.read_text()
+
+
+def test_a_child_killed_by_a_signal_is_named(tmp_path):
+    # The kernel's out-of-memory killer sends SIGKILL: the message must say so, not "exit code 9".
+    with pytest.raises(SystemExit) as stop:
+        run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], log=tmp_path / "log.txt")
+    assert "killed by SIGKILL" in str(stop.value)
