@@ -113,6 +113,72 @@ def test_a_detour_is_straightened_by_the_steps_along_the_boundary(output):
     assert (got <= bar * exact + 2 / 255).all(), (got / exact).tolist()
 
 
+class ThreeClass(torch.nn.Module):
+    """The `Linear` target's two classes plus a third that never wins: logits (0, w . x + b, -1000)."""
+
+    def __init__(self, target: Linear):
+        super().__init__()
+        self.target = target
+
+    def forward(self, x):
+        z = self.target(x)
+        return torch.cat([z, torch.full_like(z[:, :1], -1000.0)], 1)
+
+
+class MisleadingSurrogate(torch.nn.Module):
+    """Its strongest rival to the true class 1 is class 0, whose normal `v` is orthogonal to the
+    target's `w`; its second, class 2, has the target's normal. Logits (100 - v . x, 0, -w . x)."""
+
+    def __init__(self, w: torch.Tensor, v: torch.Tensor):
+        super().__init__()
+        self.w, self.v = w, v
+
+    def forward(self, x):
+        f = x.flatten(1)
+        return torch.stack([100 - f @ self.v, torch.zeros(len(f)), -(f @ self.w)], 1)
+
+
+def test_labels_only_rotations_turn_to_the_next_rival_when_the_first_normal_fails():
+    """Labels only, a detour as above, and a surrogate whose strongest rival's normal is useless
+    (orthogonal to the target's) while its second rival's is exact: with one rival the rotations
+    stay near the line search's sqrt(2) times the minimum; taking the rivals in turn, the second
+    normal straightens the detour."""
+    n, rows = 12, torch.arange(12)
+    x, y, target, exact = problem(n=n, seed=2)
+    w = target.w.detach()
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(64, generator=g)
+    v = (v - (v @ w) / (w @ w) * w) * w.norm() / v.norm()
+    got = {}
+    for rivals in (1, 2):
+        oracle = from_module(ThreeClass(target), 3, output="label")
+        guide = ModelGuide(MisleadingSurrogate(w, v), 3)
+        call = FastAttack().start(oracle, guide, x, y, None, torch.full((n,), 40))
+        side = torch.randn(n, 64, generator=torch.Generator().manual_seed(12))
+        side = side - (side @ w / w.norm())[:, None] * w / w.norm()
+        change = 2 * exact[:, None] * (w / w.norm() + side / side.norm(dim=1, keepdim=True))
+        xc = torch.round((x.flatten(1) + change).clamp(0, 1) * 255).view_as(x) / 255
+        verdict = call.check(rows, xc)
+        assert verdict.ok.all()
+        call.record(rows, xc, verdict)
+        shrink(call, rows, rivals=rivals)
+        assert call.success.all() and (target(call.corrected).argmax(1) == 1).all() and (call.queries <= 40).all()
+        got[rivals] = (call.corrected - x).flatten(1).norm(dim=1)
+    assert (got[1] >= 1.3 * exact).all(), (got[1] / exact).tolist()  # 1.41 to 1.51 seen
+    assert (got[2] <= 1.1 * exact + 2 / 255).all(), (got[2] / exact).tolist()  # 1.01 to 1.06 seen
+
+
+def test_one_rival_is_the_margin_normal():
+    """rivals=1 rotates toward the normal of the surrogate's margin, as before the option existed
+    (shrink's own default)."""
+    rows = torch.arange(12)
+    a, _, x, _ = detoured_call("label", None)
+    shrink(a, rows, rotate=0.5)
+    b, _, _, _ = detoured_call("label", None)
+    shrink(b, rows, rotate=0.5, rivals=1)
+    assert torch.equal(a.corrected, b.corrected) and torch.equal(a.queries, b.queries)
+
+
 def test_shrinking_never_loses_a_correction_and_stops_at_the_budget():
     x, y, target, _ = problem(n=10, seed=3)
     oracle, guide = from_module(target, 2), ModelGuide(surrogate_of(target, 0.8), 2)

@@ -20,6 +20,9 @@ oracle says it is still correct and it is smaller (L2) than the best so far:
      inside the target's boundary, the change is rotated toward the surrogate's normal at the
      same length (one query), and a bisection along the new direction shortens it where it
      is accepted. A refused rotation halves the angle for that image; an accepted one widens it.
+     One normal holds little: after two refusals in a row an image turns to the normal toward
+     the surrogate's next strongest rival class (`rivals` of them in turn), which widens the
+     directions tried where the first has been used up.
 
 Everything is batched over images, and the attack call's budgets hold: an image whose
 budget is spent is never sent, and each stage stops per image (early stop) when it is.
@@ -82,15 +85,27 @@ def _bisect(call: AttackCall, rows, p, direction, lo, hi, steps: int, keep: int 
         lo[k] = torch.where(verdict.asked & ~verdict.ok, t, lo[k])
 
 
+def _rival_margin(turn: torch.Tensor):
+    """The objective "true logit minus the logit of the turn-th strongest other class", `turn`
+    per image (0: the strongest, which is `margin`)."""
+    def objective(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        rival = z.scatter(1, t[:, None], float("-inf")).argsort(1, descending=True).gather(1, turn[:, None])
+        return z.gather(1, t[:, None]).squeeze(1) - z.gather(1, rival).squeeze(1)
+    return objective
+
+
 def shrink(call: AttackCall, rows: torch.Tensor, *, line_steps: int = 5, rounds: int | None = None,
-           rotate: float = 0.5, radius_steps: int = 3, floor: float = 0.5, keep: int = 0) -> None:
+           rotate: float = 0.5, radius_steps: int = 3, floor: float = 0.5, rivals: int = 1,
+           patience: int = 2, keep: int = 0) -> None:
     """Shrink the verified corrections of `rows` (all corrected) with what budget each has.
 
     `line_steps` queries of bisection along the change, then rounds of a rotation toward the
     surrogate's normal (one query) and, where it is accepted, `radius_steps` of bisection of
     its length in (`floor`, 1]; `rounds` None: until the budgets are spent (or 100 rounds).
-    `rotate`: the first rotation's weight on the normal (0: line search only). `keep`: queries
-    per image left unspent, for a later stage."""
+    `rotate`: the first rotation's weight on the normal (0: line search only). `rivals`: the
+    normals toward this many of the surrogate's strongest rival classes are taken in turn, an
+    image moving to the next after `patience` refused rotations in a row (1: always the
+    strongest). `keep`: queries per image left unspent, for a later stage."""
     if len(rows) == 0:
         return
     p = call.x0[rows].flatten(1) * 255
@@ -104,6 +119,9 @@ def shrink(call: AttackCall, rows: torch.Tensor, *, line_steps: int = 5, rounds:
     if not rotate:
         return
     beta = torch.full((n,), float(rotate), device=dev)
+    turn = torch.zeros(n, dtype=torch.long, device=dev)  # which rival's normal each image rotates toward
+    refusals = torch.zeros(n, dtype=torch.long, device=dev)  # in a row
+    rivals = max(1, min(rivals, call.num_classes - 1))
     for _ in range(100 if rounds is None else rounds):
         live = (call.left(rows) > keep).nonzero().squeeze(1)
         if len(live) == 0:
@@ -111,8 +129,9 @@ def shrink(call: AttackCall, rows: torch.Tensor, *, line_steps: int = 5, rounds:
         r, pl = rows[live], p[live]
         delta = current_change(call, r)
         length = delta.norm(dim=1, keepdim=True)
-        # The surrogate's normal at the corrected point: the gradient of its margin (free).
-        _, _, grad = call.steer(r, _image(call, pl, delta), margin)
+        # The surrogate's normal at the corrected point toward the image's current rival (free).
+        objective = margin if rivals == 1 else _rival_margin(turn[live] % rivals)
+        _, _, grad = call.steer(r, _image(call, pl, delta), objective)
         normal = grad.flatten(1)
         normal = normal / normal.norm(dim=1, keepdim=True).clamp_min(1e-12)
         b = beta[live, None]
@@ -125,6 +144,11 @@ def shrink(call: AttackCall, rows: torch.Tensor, *, line_steps: int = 5, rounds:
         call.record(r, x, verdict, where=smaller)
         beta[live] = torch.where(verdict.ok, (beta[live] * 1.5).clamp(max=1.0),
                                  torch.where(verdict.asked, beta[live] / 2, beta[live]))
+        refused = verdict.asked & ~verdict.ok
+        refusals[live] = torch.where(refused, refusals[live] + 1, torch.where(verdict.ok, 0, refusals[live]))
+        moving = refusals[live] >= patience
+        turn[live] += moving.long()
+        refusals[live] = torch.where(moving, 0, refusals[live])
         went = verdict.ok
         if bool(went.any()):
             k = went.nonzero().squeeze(1)
