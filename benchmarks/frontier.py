@@ -1,7 +1,8 @@
 """The black-box minimal-change frontier: median L2 against mean target queries.
 
     python benchmarks/frontier.py SURROGATE.th [--model SPEC --data DIR] [--split test|train] [--limit N]
-        [--budgets 2,5,10,20] [--confidence C] [--hsj 1x10,2x20] [--csv OUT.csv] [--plot OUT.png]
+        [--budgets 2,5,10,20] [--confidence C] [--rivals R] [--hsj 1x10,2x20] [--merge EARLIER.csv]
+    [--csv OUT.csv] [--plot OUT.png]
                                                    (the default target and data need ../shared)
 
 The public CIFAR-10 ResNet-20 is the target, used only through its answers (in process, scores
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from flipback.attacks import FastAttack, MinimalAttack
+from flipback.attacks.minimal import RIVALS
 from flipback.data import load_dataset
 from flipback.runs.explain_run import concat_results
 from flipback.runs.errors import to_tensor
@@ -241,10 +243,15 @@ def main():
     ap.add_argument("--budgets", default="2,5,10,20,50,100")
     ap.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                     help="also the plain binary search at each budget")
+    ap.add_argument("--rivals", type=int, default=RIVALS,
+                    help=f"labels only: the rival classes whose surrogate normals the rotations take in turn (default {RIVALS})")
     ap.add_argument("--hsj", default="", help="HopSkipJump settings ITERxEVALS, comma-separated (needs ART)")
     ap.add_argument("--also-skip", action="append", default=[], metavar="SURROGATE",
                     help="with --split train: also skip the images this surrogate file was fitted on, so that "
                          "runs with either surrogate explain the same validation errors (repeatable)")
+    ap.add_argument("--merge", action="append", default=[], metavar="CSV",
+                    help="add the rows of an earlier run's --csv on the same errors to this run's table, plot "
+                         "and --csv (repeatable)")
     ap.add_argument("--csv")
     ap.add_argument("--plot", help="write the frontier (success and median L2 against mean queries) to this PNG")
     args = ap.parse_args()
@@ -252,10 +259,13 @@ def main():
     output, guide, x, y, k = surrogate_and_errors(args.surrogate, args.split, args.limit, args.model, args.data,
                                                   args.also_skip)
     rows = []
+    # With labels only the rotations' rival count is part of the method (earlier runs: one rival).
+    name = "flipback minimal" if output == "scores" else f"flipback minimal ({args.rivals} rival{'s' * (args.rivals > 1)})"
     with load_blackbox(args.model, k, output=output) as target:
         start = Start(target, guide, x, y, args.confidence)
         for b in [int(v) for v in args.budgets.split(",") if v]:
-            rows.append(row("flipback minimal", f"budget {b}", x, *run_refine(MinimalAttack(max_queries=b, confidence=args.confidence), start, b)))
+            attack = MinimalAttack(max_queries=b, confidence=args.confidence, rivals=args.rivals)
+            rows.append(row(name, f"budget {b}", x, *run_refine(attack, start, b)))
             print(rows[-1], flush=True)
             if args.baseline:
                 line = MinimalAttack(max_queries=b, rotate=0, probes=0, prune_steps=0, line_steps=b)
@@ -267,6 +277,13 @@ def main():
             rows.append(row("ART HopSkipJump", f"{iters} iterations, {evals} first evaluations", x,
                             *run_hsj(target, x, y, corrected, q, ok, k, iters, evals)))
             print(rows[-1], flush=True)
+    for path in args.merge:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                if int(r["images"]) != len(x):
+                    raise SystemExit(f"{path}: a run on {r['images']} errors, not these {len(x)}")
+                rows.append({**r, "images": int(r["images"]),
+                             **{key: float(r[key]) for key in ("success", "mean_queries", "median_l2", "seconds_per_image")}})
     print(f"\n{len(x)} {args.split} errors, target answers: {output}\n")
     print("| method | setting | success | mean queries | median L2 | s/image |\n|---|---|---|---|---|---|")
     for r in rows:
