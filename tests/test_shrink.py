@@ -71,14 +71,14 @@ def test_with_a_perfect_surrogate_the_change_nears_the_exact_minimum(output):
     assert (l2(r, x) <= 1.15 * exact + 2 / 255).all(), (l2(r, x) / exact).tolist()
 
 
-def detoured_call(output: str, guide_model, n: int = 12, seed: int = 2, budget: int = 30):
+def detoured_call(output: str, guide_model, n: int = 12, seed: int = 2, budget: int = 30, classes: int = 2):
     """An open call whose verified corrections took a detour: twice the exact distance along
     w, plus as much again along a direction orthogonal to w (so the line search alone cannot
-    get below sqrt(2) times the exact minimum)."""
+    get below sqrt(2) times the exact minimum). `classes=3`: the target is `ThreeClass`."""
     x, y, target, exact = problem(n=n, seed=seed)
-    oracle = from_module(target, 2, output=output)
+    oracle = from_module(target if classes == 2 else ThreeClass(target), classes, output=output)
     attack = FastAttack()
-    call = attack.start(oracle, ModelGuide(guide_model or target, 2), x, y, None, torch.full((n,), budget))
+    call = attack.start(oracle, ModelGuide(guide_model or target, classes), x, y, None, torch.full((n,), budget))
     w = target.w / target.w.norm()
     g = torch.Generator().manual_seed(seed + 10)
     side = torch.randn(n, 64, generator=g)
@@ -143,24 +143,14 @@ def test_labels_only_rotations_turn_to_the_next_rival_when_the_first_normal_fail
     (orthogonal to the target's) while its second rival's is exact: with one rival the rotations
     stay near the line search's sqrt(2) times the minimum; taking the rivals in turn, the second
     normal straightens the detour."""
-    n, rows = 12, torch.arange(12)
-    x, y, target, exact = problem(n=n, seed=2)
-    w = target.w.detach()
+    rows = torch.arange(12)
+    w = problem(n=12, seed=2)[2].w.detach()  # the target of detoured_call's problem
     g = torch.Generator().manual_seed(5)
     v = torch.randn(64, generator=g)
     v = (v - (v @ w) / (w @ w) * w) * w.norm() / v.norm()
     got = {}
     for rivals in (1, 2):
-        oracle = from_module(ThreeClass(target), 3, output="label")
-        guide = ModelGuide(MisleadingSurrogate(w, v), 3)
-        call = FastAttack().start(oracle, guide, x, y, None, torch.full((n,), 40))
-        side = torch.randn(n, 64, generator=torch.Generator().manual_seed(12))
-        side = side - (side @ w / w.norm())[:, None] * w / w.norm()
-        change = 2 * exact[:, None] * (w / w.norm() + side / side.norm(dim=1, keepdim=True))
-        xc = torch.round((x.flatten(1) + change).clamp(0, 1) * 255).view_as(x) / 255
-        verdict = call.check(rows, xc)
-        assert verdict.ok.all()
-        call.record(rows, xc, verdict)
+        call, target, x, exact = detoured_call("label", MisleadingSurrogate(w, v), budget=40, classes=3)
         shrink(call, rows, rivals=rivals)
         assert call.success.all() and (target(call.corrected).argmax(1) == 1).all() and (call.queries <= 40).all()
         got[rivals] = (call.corrected - x).flatten(1).norm(dim=1)
