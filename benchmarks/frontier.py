@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import time
 
 import numpy as np
@@ -88,13 +89,41 @@ def surrogate_and_errors(path: str, split: str, limit: int, spec: str = SPEC, da
     return surrogate.meta["output"], ModelGuide(surrogate.module, k), x, y, k
 
 
+def errors_id(x: torch.Tensor) -> str:
+    """A fingerprint of the explained images (their 8-bit pixels, in order): `--merge` takes an
+    earlier run's rows only when they came from exactly these images."""
+    pixels = torch.round(x * 255).to(torch.uint8).contiguous().numpy()
+    return hashlib.sha256(pixels.tobytes()).hexdigest()[:16]
+
+
 def row(family, setting, x, corrected, success, queries, seconds):
     l2 = (corrected - x).flatten(1).norm(dim=1)
     ok = success.bool()
-    return {"method": family, "setting": setting, "images": len(x), "success": float(ok.float().mean()),
+    return {"method": family, "setting": setting, "images": len(x), "errors_id": errors_id(x),
+            "success": float(ok.float().mean()),
             "mean_queries": float(queries.float().mean()),
             "median_l2": float(l2[ok].median()) if ok.any() else float("nan"),
             "seconds_per_image": seconds / len(x)}
+
+
+def merged_rows(path: str, x: torch.Tensor) -> list[dict]:
+    """An earlier run's `--csv` rows, refused unless they came from the same images `x`.
+    Files from before the fingerprint column are checked by their image count only."""
+    rows, here = [], errors_id(x)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fingerprinted = "errors_id" in (reader.fieldnames or [])
+        for r in reader:
+            if int(r["images"]) != len(x):
+                raise SystemExit(f"{path}: a run on {r['images']} errors, not these {len(x)}")
+            if r.get("errors_id", here) != here:
+                raise SystemExit(f"{path}: a run on {r['images']} other errors than these (fingerprint "
+                                 f"{r['errors_id']}, here {here})")
+            rows.append({**r, "images": int(r["images"]), "errors_id": here,
+                         **{key: float(r[key]) for key in ("success", "mean_queries", "median_l2", "seconds_per_image")}})
+    if not fingerprinted:
+        print(f"{path}: an older file without the images' fingerprint; only their count ({len(x)}) was checked")
+    return rows
 
 
 def run_batched(attack, target, guide, x, y, batch=256):
@@ -278,12 +307,7 @@ def main():
                             *run_hsj(target, x, y, corrected, q, ok, k, iters, evals)))
             print(rows[-1], flush=True)
     for path in args.merge:
-        with open(path, newline="") as f:
-            for r in csv.DictReader(f):
-                if int(r["images"]) != len(x):
-                    raise SystemExit(f"{path}: a run on {r['images']} errors, not these {len(x)}")
-                rows.append({**r, "images": int(r["images"]),
-                             **{key: float(r[key]) for key in ("success", "mean_queries", "median_l2", "seconds_per_image")}})
+        rows.extend(merged_rows(path, x))
     print(f"\n{len(x)} {args.split} errors, target answers: {output}\n")
     print("| method | setting | success | mean queries | median L2 | s/image |\n|---|---|---|---|---|---|")
     for r in rows:
