@@ -2,7 +2,7 @@
 
     python benchmarks/frontier.py SURROGATE.th [--model SPEC --data DIR] [--split test|train] [--limit N]
         [--budgets 2,5,10,20] [--confidence C] [--rivals R] [--hsj 1x10,2x20] [--merge EARLIER.csv]
-    [--csv OUT.csv] [--plot OUT.png]
+        [--guide-weight W] [--csv OUT.csv] [--plot OUT.png]
                                                    (the default target and data need ../shared)
 
 The public CIFAR-10 ResNet-20 is the target, used only through its answers (in process, scores
@@ -19,6 +19,12 @@ Every change is rounded to 8 bits and verified again by the target before it cou
 
 `--split train` explains the target's training-set errors that the surrogate did not query:
 the validation data on which flipback's settings were chosen (never on the test split).
+
+`--guide-weight W` is a diagnosis, not a black-box run: the guide's logits are W times the
+target's own plus 1 - W times the surrogate's, so that W = 1 shows what `minimal` would reach
+with a perfect surrogate at the same query budgets, and the median cosine between the
+guide's margin gradient and the target's (printed, and in the rows' name) ties the changes'
+size to the guide's quality.
 """
 
 from __future__ import annotations
@@ -80,13 +86,53 @@ def fitted_images(surrogate, n_images: int) -> np.ndarray:
     return np.union1d(asked, labelled).astype(np.int64)
 
 
-def surrogate_and_errors(path: str, split: str, limit: int, spec: str = SPEC, data: str = DATA, also=()):
+def surrogate_and_errors(path: str, split: str, limit: int, spec: str = SPEC, data: str = DATA, also=(),
+                         guide_weight: float = 0.0):
     """The surrogate file's guide and the target's first `limit` errors of `split` ->
     (target answers: "scores" or "label", guide, images, labels, class count). On the train
-    split the errors skip the images of the surrogate files `also` too."""
+    split the errors skip the images of the surrogate files `also` too. `guide_weight` > 0 (a
+    diagnosis, never a black-box run): the guide's logits are that share of the target's own
+    plus the rest of the surrogate's."""
     surrogate = load_surrogate(path)
     x, y, k = errors(split, limit, [surrogate, *map(load_surrogate, also)], spec, data)
-    return surrogate.meta["output"], ModelGuide(surrogate.module, k), x, y, k
+    module = surrogate.module
+    if guide_weight > 0:
+        module = Blend(load_model(spec, k).module.eval(), module, guide_weight)
+    return surrogate.meta["output"], ModelGuide(module, k), x, y, k
+
+
+class Blend(torch.nn.Module):
+    """Logits w * target + (1 - w) * surrogate: guides between the surrogate (w = 0) and a
+    perfect one (w = 1, the target's own gradients), to measure how far black-box `minimal`'s
+    changes depend on the guide's quality rather than on the queries."""
+
+    def __init__(self, target: torch.nn.Module, surrogate: torch.nn.Module, w: float):
+        super().__init__()
+        self.target, self.surrogate, self.w = target, surrogate, w
+
+    def forward(self, x):
+        if self.w >= 1:
+            return self.target(x)
+        return self.w * self.target(x) + (1 - self.w) * self.surrogate(x)
+
+
+def gradient_cosine(target: torch.nn.Module, guide: torch.nn.Module, x, y, batch=256) -> torch.Tensor:
+    """Per image: the cosine between the input gradients of the target's margin and the
+    guide's, both the logit of the true class minus that of the target's (wrong) answer, at
+    the original image: how well the guide points the way a correction must go."""
+    out = []
+    for s in range(0, len(x), batch):
+        xb, yb = x[s:s + batch], y[s:s + batch]
+        with torch.no_grad():
+            wrong = target(xb).argmax(1)
+        grads = []
+        for net in (target, guide):
+            xg = xb.clone().requires_grad_(True)
+            z = net(xg)
+            margin = z.gather(1, yb[:, None]) - z.gather(1, wrong[:, None])
+            grads.append(torch.autograd.grad(margin.sum(), xg)[0].flatten(1))
+        out.append(torch.nn.functional.cosine_similarity(*grads, dim=1))
+    return torch.cat(out)
 
 
 def errors_id(x: torch.Tensor) -> str:
@@ -281,15 +327,24 @@ def main():
     ap.add_argument("--merge", action="append", default=[], metavar="CSV",
                     help="add the rows of an earlier run's --csv on the same errors to this run's table, plot "
                          "and --csv (repeatable)")
+    ap.add_argument("--guide-weight", type=float, default=None, metavar="W",
+                    help="diagnosis only (the target's gradients are not a black-box user's): steer by W x the "
+                         "target's logits + (1 - W) x the surrogate's; 1 is a perfect surrogate, 0 the surrogate itself. "
+                         "Prints the median cosine between the guide's margin gradient and the target's")
     ap.add_argument("--csv")
     ap.add_argument("--plot", help="write the frontier (success and median L2 against mean queries) to this PNG")
     args = ap.parse_args()
     torch.set_num_threads(2)
     output, guide, x, y, k = surrogate_and_errors(args.surrogate, args.split, args.limit, args.model, args.data,
-                                                  args.also_skip)
+                                                  args.also_skip, args.guide_weight or 0.0)
     rows = []
     # With labels only the rotations' rival count is part of the method (earlier runs: one rival).
     name = "flipback minimal" if output == "scores" else f"flipback minimal ({args.rivals} rival{'s' * (args.rivals > 1)})"
+    if args.guide_weight is not None:
+        cos = gradient_cosine(load_model(args.model, k).module.eval(), guide.module, x, y)
+        name += f", guide {args.guide_weight:g} target (median cosine {float(cos.median()):.3f})"
+        print(f"guide: {args.guide_weight:g} x the target's logits; margin-gradient cosine with the target's: "
+              f"median {float(cos.median()):.3f}, quartiles {float(cos.quantile(0.25)):.3f} to {float(cos.quantile(0.75)):.3f}")
     with load_blackbox(args.model, k, output=output) as target:
         start = Start(target, guide, x, y, args.confidence)
         for b in [int(v) for v in args.budgets.split(",") if v]:
