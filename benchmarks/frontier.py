@@ -337,12 +337,13 @@ def main():
     torch.set_num_threads(2)
     output, guide, x, y, k = surrogate_and_errors(args.surrogate, args.split, args.limit, args.model, args.data,
                                                   args.also_skip, args.guide_weight or 0.0)
-    rows = []
+    rows, line_name = [], "binary search"
     # With labels only the rotations' rival count is part of the method (earlier runs: one rival).
     name = "flipback minimal" if output == "scores" else f"flipback minimal ({args.rivals} rival{'s' * (args.rivals > 1)})"
     if args.guide_weight is not None:
         cos = gradient_cosine(load_model(args.model, k).module.eval(), guide.module, x, y)
-        name += f", guide {args.guide_weight:g} target (median cosine {float(cos.median()):.3f})"
+        tag = f", guide {args.guide_weight:g} target (median cosine {float(cos.median()):.3f})"
+        name, line_name = name + tag, "binary search" + tag
         print(f"guide: {args.guide_weight:g} x the target's logits; margin-gradient cosine with the target's: "
               f"median {float(cos.median()):.3f}, quartiles {float(cos.quantile(0.25)):.3f} to {float(cos.quantile(0.75)):.3f}")
     with load_blackbox(args.model, k, output=output) as target:
@@ -353,7 +354,7 @@ def main():
             print(rows[-1], flush=True)
             if args.baseline:
                 line = MinimalAttack(max_queries=b, rotate=0, probes=0, prune_steps=0, line_steps=b)
-                rows.append(row("binary search", f"budget {b}", x, *run_refine(line, start, b)))
+                rows.append(row(line_name, f"budget {b}", x, *run_refine(line, start, b)))
                 print(rows[-1], flush=True)
         for setting in [v for v in args.hsj.split(",") if v]:
             iters, evals = (int(v) for v in setting.split("x"))
