@@ -21,7 +21,7 @@ Every change is rounded to 8 bits and verified again by the target before it cou
 the validation data on which flipback's settings were chosen (never on the test split).
 
 `--guide-weight W` is a diagnosis, not a black-box run: the guide's logits are W times the
-target's own plus 1 - W times the surrogate's, so that W = 1 shows what `minimal` would reach
+target's own (scaled to the surrogate's gradient size) plus 1 - W times the surrogate's, so that W = 1 shows what `minimal` would reach
 with a perfect surrogate at the same query budgets, and the median cosine between the
 guide's margin gradient and the target's (printed, and in the rows' name) ties the changes'
 size to the guide's quality.
@@ -97,42 +97,51 @@ def surrogate_and_errors(path: str, split: str, limit: int, spec: str = SPEC, da
     x, y, k = errors(split, limit, [surrogate, *map(load_surrogate, also)], spec, data)
     module = surrogate.module
     if guide_weight > 0:
-        module = Blend(load_model(spec, k).module.eval(), module, guide_weight)
+        target = load_model(spec, k).module.eval()
+        # The two models' gradients differ in size (the surrogate averages its members' logits):
+        # scaled to the surrogate's, the weight moves the guide's direction, not just its size.
+        size = (margin_gradients(module, target, x, y).norm(dim=1).median()
+                / margin_gradients(target, target, x, y).norm(dim=1).median())
+        module = Blend(target, module, guide_weight, float(size))
     return surrogate.meta["output"], ModelGuide(module, k), x, y, k
 
 
 class Blend(torch.nn.Module):
-    """Logits w * target + (1 - w) * surrogate: guides between the surrogate (w = 0) and a
-    perfect one (w = 1, the target's own gradients), to measure how far black-box `minimal`'s
-    changes depend on the guide's quality rather than on the queries."""
+    """Logits w * scale * target + (1 - w) * surrogate: guides between the surrogate (w = 0)
+    and a perfect one (w = 1, the target's own gradients, times `scale`), to measure how far
+    black-box `minimal`'s changes depend on the guide's quality rather than on the queries."""
 
-    def __init__(self, target: torch.nn.Module, surrogate: torch.nn.Module, w: float):
+    def __init__(self, target: torch.nn.Module, surrogate: torch.nn.Module, w: float, scale: float = 1.0):
         super().__init__()
-        self.target, self.surrogate, self.w = target, surrogate, w
+        self.target, self.surrogate, self.w, self.scale = target, surrogate, w, scale
 
     def forward(self, x):
         if self.w >= 1:
-            return self.target(x)
-        return self.w * self.target(x) + (1 - self.w) * self.surrogate(x)
+            return self.scale * self.target(x)
+        return self.w * self.scale * self.target(x) + (1 - self.w) * self.surrogate(x)
 
 
-def gradient_cosine(target: torch.nn.Module, guide: torch.nn.Module, x, y, batch=256) -> torch.Tensor:
-    """Per image: the cosine between the input gradients of the target's margin and the
-    guide's, both the logit of the true class minus that of the target's (wrong) answer, at
-    the original image: how well the guide points the way a correction must go."""
+def margin_gradients(net: torch.nn.Module, target: torch.nn.Module, x, y, batch=256) -> torch.Tensor:
+    """Per image (flattened): the input gradient of `net`'s logit of the true class minus its
+    logit of the target's (wrong) answer, at the original image."""
     out = []
     for s in range(0, len(x), batch):
         xb, yb = x[s:s + batch], y[s:s + batch]
         with torch.no_grad():
             wrong = target(xb).argmax(1)
-        grads = []
-        for net in (target, guide):
-            xg = xb.clone().requires_grad_(True)
-            z = net(xg)
-            margin = z.gather(1, yb[:, None]) - z.gather(1, wrong[:, None])
-            grads.append(torch.autograd.grad(margin.sum(), xg)[0].flatten(1))
-        out.append(torch.nn.functional.cosine_similarity(*grads, dim=1))
+        xg = xb.clone().requires_grad_(True)
+        z = net(xg)
+        margin = z.gather(1, yb[:, None]) - z.gather(1, wrong[:, None])
+        out.append(torch.autograd.grad(margin.sum(), xg)[0].flatten(1))
     return torch.cat(out)
+
+
+def gradient_cosine(target: torch.nn.Module, guide: torch.nn.Module, x, y, batch=256) -> torch.Tensor:
+    """Per image: the cosine between the target's margin gradient and the guide's (both toward
+    the true class, away from the target's answer): how well the guide points the way a
+    correction must go."""
+    return torch.nn.functional.cosine_similarity(margin_gradients(target, target, x, y, batch),
+                                                 margin_gradients(guide, target, x, y, batch), dim=1)
 
 
 def errors_id(x: torch.Tensor) -> str:
@@ -329,7 +338,7 @@ def main():
                          "and --csv (repeatable)")
     ap.add_argument("--guide-weight", type=float, default=None, metavar="W",
                     help="diagnosis only (the target's gradients are not a black-box user's): steer by W x the "
-                         "target's logits + (1 - W) x the surrogate's; 1 is a perfect surrogate, 0 the surrogate itself. "
+                         "target's logits (scaled to the surrogate's gradient size) + (1 - W) x the surrogate's; 1 is a perfect surrogate, 0 the surrogate itself. "
                          "Prints the median cosine between the guide's margin gradient and the target's")
     ap.add_argument("--csv")
     ap.add_argument("--plot", help="write the frontier (success and median L2 against mean queries) to this PNG")
@@ -344,7 +353,7 @@ def main():
         cos = gradient_cosine(load_model(args.model, k).module.eval(), guide.module, x, y)
         tag = f", guide {args.guide_weight:g} target (median cosine {float(cos.median()):.3f})"
         name, line_name = name + tag, "binary search" + tag
-        print(f"guide: {args.guide_weight:g} x the target's logits; margin-gradient cosine with the target's: "
+        print(f"guide: {args.guide_weight:g} x the target's logits (scaled to the surrogate's gradient size); margin-gradient cosine with the target's: "
               f"median {float(cos.median()):.3f}, quartiles {float(cos.quantile(0.25)):.3f} to {float(cos.quantile(0.75)):.3f}")
     with load_blackbox(args.model, k, output=output) as target:
         start = Start(target, guide, x, y, args.confidence)
