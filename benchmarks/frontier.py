@@ -338,8 +338,9 @@ def main():
                          "and --csv (repeatable)")
     ap.add_argument("--guide-weight", type=float, default=None, metavar="W",
                     help="diagnosis only (the target's gradients are not a black-box user's): steer by W x the "
-                         "target's logits (scaled to the surrogate's gradient size) + (1 - W) x the surrogate's; 1 is a perfect surrogate, 0 the surrogate itself. "
-                         "Prints the median cosine between the guide's margin gradient and the target's")
+                         "target's logits (scaled to the surrogate's gradient size) + (1 - W) x the surrogate's; "
+                         "1 is a perfect surrogate, 0 the surrogate itself. Prints the median cosine between the "
+                         "guide's margin gradient and the target's")
     ap.add_argument("--csv")
     ap.add_argument("--plot", help="write the frontier (success and median L2 against mean queries) to this PNG")
     args = ap.parse_args()
@@ -353,8 +354,8 @@ def main():
         cos = gradient_cosine(load_model(args.model, k).module.eval(), guide.module, x, y)
         tag = f", guide {args.guide_weight:g} target (median cosine {float(cos.median()):.3f})"
         name, line_name = name + tag, "binary search" + tag
-        print(f"guide: {args.guide_weight:g} x the target's logits (scaled to the surrogate's gradient size); margin-gradient cosine with the target's: "
-              f"median {float(cos.median()):.3f}, quartiles {float(cos.quantile(0.25)):.3f} to {float(cos.quantile(0.75)):.3f}")
+        print(f"guide: {args.guide_weight:g} x the target's logits (scaled to the surrogate's gradient size); "
+              f"margin-gradient cosine with the target's: median {float(cos.median()):.3f}, quartiles {float(cos.quantile(0.25)):.3f} to {float(cos.quantile(0.75)):.3f}")
     with load_blackbox(args.model, k, output=output) as target:
         start = Start(target, guide, x, y, args.confidence)
         for b in [int(v) for v in args.budgets.split(",") if v]:
