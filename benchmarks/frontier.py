@@ -21,10 +21,10 @@ Every change is rounded to 8 bits and verified again by the target before it cou
 the validation data on which flipback's settings were chosen (never on the test split).
 
 `--guide-weight W` is a diagnosis, not a black-box run: the guide's logits are W times the
-target's own (scaled to the surrogate's gradient size) plus 1 - W times the surrogate's, so that W = 1 shows what `minimal` would reach
-with a perfect surrogate at the same query budgets, and the median cosine between the
-guide's margin gradient and the target's (printed, and in the rows' name) ties the changes'
-size to the guide's quality.
+target's own (scaled to the surrogate's gradient size) plus 1 - W times the surrogate's, so
+that W = 1 shows what `minimal` would reach with a perfect surrogate at the same query
+budgets, and the median cosine between the guide's margin gradient and the target's
+(printed, and in the rows' names) ties the changes' size to the guide's quality.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def surrogate_and_errors(path: str, split: str, limit: int, spec: str = SPEC, da
     (target answers: "scores" or "label", guide, images, labels, class count). On the train
     split the errors skip the images of the surrogate files `also` too. `guide_weight` > 0 (a
     diagnosis, never a black-box run): the guide's logits are that share of the target's own
-    plus the rest of the surrogate's."""
+    (scaled to the surrogate's gradient size) plus the rest of the surrogate's."""
     surrogate = load_surrogate(path)
     x, y, k = errors(split, limit, [surrogate, *map(load_surrogate, also)], spec, data)
     module = surrogate.module
@@ -347,29 +347,30 @@ def main():
     torch.set_num_threads(2)
     output, guide, x, y, k = surrogate_and_errors(args.surrogate, args.split, args.limit, args.model, args.data,
                                                   args.also_skip, args.guide_weight or 0.0)
-    rows, line_name = [], "binary search"
+    rows, tag = [], ""
     # With labels only the rotations' rival count is part of the method (earlier runs: one rival).
     name = "flipback minimal" if output == "scores" else f"flipback minimal ({args.rivals} rival{'s' * (args.rivals > 1)})"
     if args.guide_weight is not None:
         cos = gradient_cosine(load_model(args.model, k).module.eval(), guide.module, x, y)
+        # Every row starts from the guided transfer: each name says so.
         tag = f", guide {args.guide_weight:g} target (median cosine {float(cos.median()):.3f})"
-        name, line_name = name + tag, "binary search" + tag
         print(f"guide: {args.guide_weight:g} x the target's logits (scaled to the surrogate's gradient size); "
-              f"margin-gradient cosine with the target's: median {float(cos.median()):.3f}, quartiles {float(cos.quantile(0.25)):.3f} to {float(cos.quantile(0.75)):.3f}")
+              f"margin-gradient cosine with the target's: median {float(cos.median()):.3f}, "
+              f"quartiles {float(cos.quantile(0.25)):.3f} to {float(cos.quantile(0.75)):.3f}")
     with load_blackbox(args.model, k, output=output) as target:
         start = Start(target, guide, x, y, args.confidence)
         for b in [int(v) for v in args.budgets.split(",") if v]:
             attack = MinimalAttack(max_queries=b, confidence=args.confidence, rivals=args.rivals)
-            rows.append(row(name, f"budget {b}", x, *run_refine(attack, start, b)))
+            rows.append(row(name + tag, f"budget {b}", x, *run_refine(attack, start, b)))
             print(rows[-1], flush=True)
             if args.baseline:
                 line = MinimalAttack(max_queries=b, rotate=0, probes=0, prune_steps=0, line_steps=b)
-                rows.append(row(line_name, f"budget {b}", x, *run_refine(line, start, b)))
+                rows.append(row("binary search" + tag, f"budget {b}", x, *run_refine(line, start, b)))
                 print(rows[-1], flush=True)
         for setting in [v for v in args.hsj.split(",") if v]:
             iters, evals = (int(v) for v in setting.split("x"))
             corrected, ok, q = start.result[:3]
-            rows.append(row("ART HopSkipJump", f"{iters} iterations, {evals} first evaluations", x,
+            rows.append(row("ART HopSkipJump" + tag, f"{iters} iterations, {evals} first evaluations", x,
                             *run_hsj(target, x, y, corrected, q, ok, k, iters, evals)))
             print(rows[-1], flush=True)
     for path in args.merge:
