@@ -86,24 +86,13 @@ def fitted_images(surrogate, n_images: int) -> np.ndarray:
     return np.union1d(asked, labelled).astype(np.int64)
 
 
-def surrogate_and_errors(path: str, split: str, limit: int, spec: str = SPEC, data: str = DATA, also=(),
-                         guide_weight: float = 0.0):
+def surrogate_and_errors(path: str, split: str, limit: int, spec: str = SPEC, data: str = DATA, also=()):
     """The surrogate file's guide and the target's first `limit` errors of `split` ->
     (target answers: "scores" or "label", guide, images, labels, class count). On the train
-    split the errors skip the images of the surrogate files `also` too. `guide_weight` > 0 (a
-    diagnosis, never a black-box run): the guide's logits are that share of the target's own
-    (scaled to the surrogate's gradient size) plus the rest of the surrogate's."""
+    split the errors skip the images of the surrogate files `also` too."""
     surrogate = load_surrogate(path)
     x, y, k = errors(split, limit, [surrogate, *map(load_surrogate, also)], spec, data)
-    module = surrogate.module
-    if guide_weight > 0:
-        target = load_model(spec, k).module.eval()
-        # The two models' gradients differ in size (the surrogate averages its members' logits):
-        # scaled to the surrogate's, the weight moves the guide's direction, not just its size.
-        size = (margin_gradients(module, target, x, y).norm(dim=1).median()
-                / margin_gradients(target, target, x, y).norm(dim=1).median())
-        module = Blend(target, module, guide_weight, float(size))
-    return surrogate.meta["output"], ModelGuide(module, k), x, y, k
+    return surrogate.meta["output"], ModelGuide(surrogate.module, k), x, y, k
 
 
 class Blend(torch.nn.Module):
@@ -136,12 +125,18 @@ def margin_gradients(net: torch.nn.Module, target: torch.nn.Module, x, y, batch=
     return torch.cat(out)
 
 
-def gradient_cosine(target: torch.nn.Module, guide: torch.nn.Module, x, y, batch=256) -> torch.Tensor:
-    """Per image: the cosine between the target's margin gradient and the guide's (both toward
-    the true class, away from the target's answer): how well the guide points the way a
-    correction must go."""
-    return torch.nn.functional.cosine_similarity(margin_gradients(target, target, x, y, batch),
-                                                 margin_gradients(guide, target, x, y, batch), dim=1)
+def diagnostic_guide(surrogate: torch.nn.Module, target: torch.nn.Module, x, y, w: float):
+    """The guide of `--guide-weight w` (a diagnosis, never a black-box run) -> (its module, per
+    image the cosine between its margin gradient and the target's: how well it points the way
+    a correction must go). w = 0: the surrogate itself; w > 0: a `Blend`, the target's logits
+    scaled to the surrogate's gradient size, so that w moves the guide's direction rather
+    than its size (the surrogate averages its members' logits: its gradients are smaller)."""
+    aim = margin_gradients(target, target, x, y)
+    own = margin_gradients(surrogate, target, x, y)
+    if w <= 0:
+        return surrogate, torch.nn.functional.cosine_similarity(aim, own, dim=1)
+    guide = Blend(target, surrogate, w, float(own.norm(dim=1).median() / aim.norm(dim=1).median()))
+    return guide, torch.nn.functional.cosine_similarity(aim, margin_gradients(guide, target, x, y), dim=1)
 
 
 def errors_id(x: torch.Tensor) -> str:
@@ -346,12 +341,13 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     output, guide, x, y, k = surrogate_and_errors(args.surrogate, args.split, args.limit, args.model, args.data,
-                                                  args.also_skip, args.guide_weight or 0.0)
+                                                  args.also_skip)
     rows, tag = [], ""
     # With labels only the rotations' rival count is part of the method (earlier runs: one rival).
     name = "flipback minimal" if output == "scores" else f"flipback minimal ({args.rivals} rival{'s' * (args.rivals > 1)})"
     if args.guide_weight is not None:
-        cos = gradient_cosine(load_model(args.model, k).module.eval(), guide.module, x, y)
+        module, cos = diagnostic_guide(guide.module, load_model(args.model, k).module.eval(), x, y, args.guide_weight)
+        guide = ModelGuide(module, k)
         # Every row starts from the guided transfer: each name says so.
         tag = f", guide {args.guide_weight:g} target (median cosine {float(cos.median()):.3f})"
         print(f"guide: {args.guide_weight:g} x the target's logits (scaled to the surrogate's gradient size); "

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from frontier import Blend, errors_id, gradient_cosine, merged_rows, row  # noqa: E402
+from frontier import diagnostic_guide, errors_id, margin_gradients, merged_rows, row  # noqa: E402
 
 
 def write(path, rows):
@@ -54,7 +54,7 @@ def test_an_older_file_without_the_fingerprint_is_checked_by_count(tmp_path, cap
     assert r["images"] == 6 and "only their count (6) was checked" in capsys.readouterr().out
 
 
-def test_gradient_cosine_of_linear_models_is_that_of_their_weight_differences():
+def test_the_guides_cosine_of_linear_models_is_that_of_their_weight_differences():
     # A linear model's margin gradient is W[true] - W[answer], the same at every image.
     torch.manual_seed(0)
     target = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
@@ -65,8 +65,10 @@ def test_gradient_cosine_of_linear_models_is_that_of_their_weight_differences():
     y = (answer + 1) % 3  # every image an error
     w, v = target[1].weight, guide[1].weight
     expected = torch.nn.functional.cosine_similarity(w[y] - w[answer], v[y] - v[answer], dim=1)
-    assert torch.allclose(gradient_cosine(target, guide, x, y, batch=16), expected, atol=1e-5)
-    assert torch.allclose(gradient_cosine(target, Blend(target, guide, 1.0), x, y), torch.ones(40), atol=1e-5)
-    # Halfway, the blend's gradient is the mean of both: between the two cosines.
-    half = gradient_cosine(target, Blend(target, guide, 0.5), x, y)
+    assert torch.allclose(margin_gradients(target, target, x, y, batch=16), w[y] - w[answer], atol=1e-5)
+    module, cos = diagnostic_guide(guide, target, x, y, 0.0)
+    assert module is guide and torch.allclose(cos, expected, atol=1e-5)
+    assert torch.allclose(diagnostic_guide(guide, target, x, y, 1.0)[1], torch.ones(40), atol=1e-5)
+    # Halfway, the blend's gradient is a positive mix of both: between the two cosines.
+    half = diagnostic_guide(guide, target, x, y, 0.5)[1]
     assert (half >= expected - 1e-5).all() and (half <= 1 + 1e-5).all()
